@@ -1,0 +1,29 @@
+"""GradNorm (Chen et al., ICML 2018, arXiv:1711.02257) on ``torch.func``."""
+
+from gradnorm_func.norms import per_task_norms, task_gradient_norms
+from gradnorm_func.objective import GradNormAux, gradnorm_loss, gradnorm_loss_from_norms
+from gradnorm_func.state import (
+    GradNormHyperParams,
+    GradNormState,
+    init_state,
+    state_from_dict,
+    state_to_dict,
+)
+from gradnorm_func.step import step, step_from_norms
+from gradnorm_func.update import update
+
+__all__ = [
+    "GradNormAux",
+    "GradNormHyperParams",
+    "GradNormState",
+    "gradnorm_loss",
+    "gradnorm_loss_from_norms",
+    "init_state",
+    "per_task_norms",
+    "state_from_dict",
+    "state_to_dict",
+    "step",
+    "step_from_norms",
+    "task_gradient_norms",
+    "update",
+]

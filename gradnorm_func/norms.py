@@ -1,0 +1,62 @@
+"""Per-task gradient norms ||grad_W L_i||_2 at the shared parameters W, in one batched pass."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optree
+import torch
+from torch import Tensor
+
+Params = Any  # a pytree of tensors
+LossesFn = Callable[[Params], Tensor]
+
+
+def per_task_norms(per_task_grads: Params) -> Tensor:
+    """||g_i||_2 over all leaves of a pytree whose leaves carry a leading task axis.
+
+    Computes n_i = sqrt(sum_leaves sum_k g_i[k]^2) in float32 (float64 stays float64), so
+    that bfloat16 or float16 gradients do not lose the norm to rounding.
+    """
+    leaves = optree.tree_leaves(per_task_grads)
+    if not leaves:
+        raise ValueError("the shared parameters are empty: pass at least one tensor")
+    squares = [
+        leaf.flatten(1).to(torch.promote_types(leaf.dtype, torch.float32)).square().sum(1)
+        for leaf in leaves
+    ]
+    return torch.stack(squares).sum(0).sqrt()
+
+
+def check_task_losses(task_losses: Tensor, num_tasks: int) -> None:
+    """Raises ``ValueError`` unless ``task_losses`` is a float tensor of shape [num_tasks]."""
+    if not isinstance(task_losses, Tensor):
+        raise TypeError(f"losses must be a Tensor of shape ({num_tasks},), "
+                        f"got {type(task_losses).__name__}")
+    if task_losses.shape != (num_tasks,):
+        raise ValueError(f"losses must have shape ({num_tasks},) (one loss per task), "
+                         f"got {tuple(task_losses.shape)}")
+    if not task_losses.dtype.is_floating_point:
+        raise ValueError(f"losses must be floating point, got {task_losses.dtype}")
+
+
+def task_gradient_norms(params: Params, losses: LossesFn, *, num_tasks: int) -> tuple[Tensor, Tensor]:
+    """Per-task losses L_i and norms n_i = ||grad_params L_i||_2, without a loop over tasks.
+
+    One ``torch.func.vjp`` of ``losses`` at ``params``, then ``vmap`` of its pullback over
+    the T one-hot cotangents e_i: grad_params L_i = J^T e_i for every i in one batched pass.
+
+    Args:
+        params: pytree of the shared tensors W (e.g. the last shared layer's parameters).
+        losses: maps ``params`` to the Tensor[T] of per-task losses.
+        num_tasks: T, checked against the shape ``losses`` returns.
+
+    Returns:
+        ``(task_losses, norms)``, both Tensor[T]; ``task_losses`` keeps its dtype, ``norms``
+        are at least float32.
+    """
+    task_losses, pullback = torch.func.vjp(losses, params)
+    check_task_losses(task_losses, num_tasks)
+    one_hot = torch.eye(num_tasks, dtype=task_losses.dtype, device=task_losses.device)
+    (per_task_grads,) = torch.func.vmap(pullback)(one_hot)
+    return task_losses, per_task_norms(per_task_grads)

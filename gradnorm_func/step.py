@@ -1,0 +1,47 @@
+"""One whole GradNorm step: L_grad, its gradient with respect to the weights, the update."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gradnorm_func.norms import LossesFn, Params, task_gradient_norms
+from gradnorm_func.objective import GradNormAux, gradnorm_loss_from_norms
+from gradnorm_func.state import GradNormState
+from gradnorm_func.update import update
+
+
+def step_from_norms(
+    state: GradNormState, task_losses: Tensor, grad_norms: Tensor
+) -> tuple[GradNormState, GradNormAux]:
+    """``update(state, dL_grad/dw)`` given per-task losses and unweighted gradient norms.
+
+    This is the entry point for callers that already have ||grad_W L_i||, e.g. from the
+    forward/backward pass of their own train step.
+    """
+
+    def loss_of_weights(weights: Tensor) -> tuple[Tensor, GradNormAux]:
+        return gradnorm_loss_from_norms(state._replace(weights=weights), task_losses, grad_norms)
+
+    grads, aux = torch.func.grad(loss_of_weights, has_aux=True)(state.weights)
+    return update(state, grads, aux=aux), aux
+
+
+def step(state: GradNormState, params: Params, losses: LossesFn) -> tuple[GradNormState, GradNormAux]:
+    """One GradNorm step (Chen et al. 2018, Algorithm 1) at the shared parameters ``params``.
+
+    Composes :func:`gradnorm_loss` and :func:`update`: the per-task norms come from one
+    batched pass, L_grad is differentiated with respect to the weights only, and the new
+    weights are floored and renormalised to sum T. The model's own update must use
+    ``state.weights`` from *before* this call, as Algorithm 1 does.
+
+    Args:
+        state: current state.
+        params: pytree of the shared tensors W.
+        losses: maps ``params`` to the Tensor[T] of per-task losses.
+
+    Returns:
+        ``(new_state, aux)``; ``aux.finite`` is False when the update was skipped.
+    """
+    task_losses, norms = task_gradient_norms(params, losses, num_tasks=state.weights.shape[0])
+    return step_from_norms(state, task_losses, norms)

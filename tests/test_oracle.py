@@ -1,0 +1,84 @@
+"""The library's functional step against the naive Algorithm 1 in ``oracle.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from drifting import DriftingTasks
+from oracle import NaiveGradNorm
+
+import gradnorm_func as gf
+
+CONFIGS = [
+    (num_tasks, alpha, optimizer, lr, warmup)
+    for num_tasks in (2, 3, 7)
+    for alpha in (0.0, 0.12, 1.5)
+    for optimizer, lr, warmup in (("sgd", 0.02, 0), ("adam", 0.025, 5))
+]
+
+
+@pytest.mark.parametrize("num_tasks,alpha,optimizer,lr,warmup", CONFIGS)
+def test_step_matches_naive_algorithm_1(num_tasks, alpha, optimizer, lr, warmup):
+    tasks = DriftingTasks(num_tasks, seed=num_tasks * 100 + int(alpha * 100))
+    oracle = NaiveGradNorm(num_tasks, alpha=alpha, lr=lr, optimizer=optimizer, warmup_steps=warmup)
+    state = gf.init_state(num_tasks, alpha=alpha, lr=lr, optimizer=optimizer,
+                          warmup_steps=warmup, dtype=torch.float64)
+    names = tasks.shared_names()
+    ratio_spread = 0.0
+    for _ in range(30):
+        params = tasks.params()
+        shared = {k: params[k] for k in names}
+
+        def losses(p):
+            return tasks.losses_with({**params, **p})
+
+        leaf_params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        losses_live = tasks.losses_with(leaf_params)
+        expected_norms = oracle.norms(losses_live, [leaf_params[k] for k in names])
+        expected = oracle.step(losses_live.tolist(), expected_norms)
+
+        old_weights = state.weights
+        state, aux = gf.step(state, shared, losses)
+        torch.testing.assert_close(aux.grad_norms, torch.tensor(expected_norms, dtype=torch.float64),
+                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(state.weights, torch.tensor(expected, dtype=torch.float64),
+                                   rtol=1e-9, atol=1e-12)
+        ratio_spread = max(ratio_spread, float(aux.loss_ratios.max() / aux.loss_ratios.min()))
+        tasks.advance(old_weights)
+    # The ratios really drift apart, so an inverted exponent r^-alpha would be caught.
+    assert ratio_spread > 1.5
+    if num_tasks > 1 and alpha > 0:
+        assert not torch.allclose(state.weights, torch.ones(num_tasks, dtype=torch.float64))
+
+
+def test_inverted_exponent_would_be_caught():
+    """Sanity check of the oracle comparison: r^-alpha gives visibly different weights."""
+    tasks = DriftingTasks(3, seed=7)
+    good = NaiveGradNorm(3, alpha=1.5, lr=0.05, optimizer="sgd")
+    bad = NaiveGradNorm(3, alpha=-1.5, lr=0.05, optimizer="sgd")
+    names = tasks.shared_names()
+    for _ in range(20):
+        params = {k: v.clone().requires_grad_(True) for k, v in tasks.params().items()}
+        losses = tasks.losses_with(params)
+        norms = good.norms(losses, [params[k] for k in names])
+        w = good.step(losses.tolist(), norms)
+        w_bad = bad.step(losses.tolist(), norms)
+        tasks.advance(torch.tensor(w, dtype=torch.float64))
+    assert max(abs(a - b) for a, b in zip(w, w_bad)) > 1e-2
+
+
+def test_gradient_of_loss_grad_is_sign_times_norm_and_never_reaches_params():
+    tasks = DriftingTasks(4, seed=3)
+    tasks.t = 5
+    state = gf.init_state(4, alpha=1.5, dtype=torch.float64,
+                          initial_losses=torch.tensor([0.5, 2.0, 30.0, 900.0]))
+    params = {k: v.clone().requires_grad_(True) for k, v in tasks.params().items()}
+    shared = {k: params[k] for k in tasks.shared_names()}
+    weights = torch.tensor([0.5, 1.5, 0.7, 1.3], dtype=torch.float64, requires_grad=True)
+    loss_grad, aux = gf.gradnorm_loss(state._replace(weights=weights), shared,
+                                      lambda p: tasks.losses_with({**params, **p}))
+    grads = torch.autograd.grad(loss_grad, [weights, *params.values()], allow_unused=True)
+    expected = torch.sign(aux.weighted_norms - aux.targets) * aux.grad_norms
+    torch.testing.assert_close(grads[0], expected)
+    assert all(g is None for g in grads[1:])
+    torch.testing.assert_close(loss_grad.detach(), (aux.weighted_norms - aux.targets).abs().sum())
