@@ -11,8 +11,10 @@ from gradnorm_func.state import (
 )
 from gradnorm_func.step import step, step_from_norms
 from gradnorm_func.update import update
+from gradnorm_func.wrapper import GradNorm
 
 __all__ = [
+    "GradNorm",
     "GradNormAux",
     "GradNormHyperParams",
     "GradNormState",

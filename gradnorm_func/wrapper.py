@@ -1,0 +1,161 @@
+"""``GradNorm``: a stateful drop-in for ordinary training loops; the maths stays in the core."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Union
+
+import optree
+import torch
+from torch import Tensor, nn
+
+from gradnorm_func.norms import check_task_losses, per_task_norms
+from gradnorm_func.objective import GradNormAux, gradnorm_loss_from_norms
+from gradnorm_func.state import GradNormState, init_state, state_from_dict, state_to_dict
+from gradnorm_func.step import step_from_norms
+from gradnorm_func.update import update
+
+SharedLayer = Union[nn.Module, Tensor, Iterable[Tensor]]
+
+
+def named_shared_params(layer: SharedLayer) -> list[tuple[str, Tensor]]:
+    """The tensors W that GradNorm norms: all of a module's trainable parameters (weight and
+    bias alike), a single tensor, or each tensor of an iterable."""
+    if isinstance(layer, nn.Module):
+        named = [(name, p) for name, p in layer.named_parameters() if p.requires_grad]
+    elif isinstance(layer, Tensor):
+        named = [("layer", layer)] if layer.requires_grad else []
+    else:
+        named = [(f"layer[{i}]", t) for i, t in enumerate(layer) if t.requires_grad]
+    if not named:
+        raise ValueError(f"the shared layer {type(layer).__name__} has no parameter that requires grad")
+    return named
+
+
+class GradNorm:
+    """Holds a :class:`GradNormState` and delegates every computation to the functional core.
+
+    The framework keeps ``.backward()``: GradNorm differentiates the task losses with
+    ``torch.autograd.grad`` (retaining the graph itself) and never touches ``.grad``. Two
+    flows give the same weights:
+
+    * recommended, no ``retain_graph`` in user code::
+
+          loss = (gn.w_i * L_i).sum()
+          gn.step(L_i)        # updates the weights; ``loss`` keeps the old w_i(t)
+          loss.backward()
+          optimizer.step()
+
+    * the seed's flow: ``loss.backward(retain_graph=True)``, then
+      ``gn.apply_grads(gn.gradnorm(L_i))``, then ``optimizer.step()``.
+
+    The weights are replaced, never modified in place, so a pending backward that holds the
+    old ``w_i`` is unaffected.
+
+    Args:
+        layer: the shared parameters W: an ``nn.Module`` (all its trainable parameters, bias
+            included), a tensor, or an iterable of tensors.
+        alpha: restoring-force exponent (0.12 on the paper's toy problem, 1.5 on NYUv2).
+        number_of_tasks: T.
+        lr: learning rate of the weights. L_grad is the paper's L1 *sum*, so a learning rate
+            for an implementation that averages over tasks corresponds to ``lr / T`` here.
+        lr_warmup: steps of linear learning-rate warm-up (0: none).
+        device: device of the state; by default that of the first shared parameter.
+        optimizer: ``"sgd"`` (default, a plain gradient step) or ``"adam"`` (the paper's).
+        **options: further keyword arguments of :func:`init_state` (``initial_losses``,
+            ``min_weight``, ``betas``, ``eps``, ``dtype``).
+    """
+
+    def __init__(self, layer: SharedLayer, alpha: float, number_of_tasks: int, lr: float = 1e-3,
+                 lr_warmup: int = 0, device: torch.device | str | None = None, *,
+                 optimizer: str = "sgd", **options: Any) -> None:
+        self.named_params = named_shared_params(layer)
+        if device is None:
+            device = self.named_params[0][1].device
+        self.state: GradNormState = init_state(number_of_tasks, alpha=alpha, lr=lr,
+                                               optimizer=optimizer,  # type: ignore[arg-type]
+                                               warmup_steps=lr_warmup, device=device, **options)
+        self.aux: GradNormAux | None = None  # the last step's losses, norms, targets, ...
+        self._pending: tuple[Tensor, GradNormAux] | None = None
+
+    @property
+    def w_i(self) -> Tensor:
+        """Tensor[T] of the current task weights w_i(t); a new tensor after every update."""
+        return self.state.weights
+
+    @property
+    def number_of_tasks(self) -> int:
+        return int(self.state.weights.shape[0])
+
+    def task_norms(self, L_i: Tensor) -> Tensor:
+        """||grad_W L_i||_2 for every task in one batched backward (``is_grads_batched``).
+
+        The graph is retained, so the caller's own ``backward`` still works afterwards.
+        """
+        check_task_losses(L_i, self.number_of_tasks)
+        if not L_i.requires_grad:
+            raise ValueError("L_i has no autograd graph: compute it from the model's outputs")
+        params = [p for _, p in self.named_params]
+        one_hot = torch.eye(self.number_of_tasks, dtype=L_i.dtype, device=L_i.device)
+        grads = torch.autograd.grad(L_i, params, grad_outputs=one_hot, is_grads_batched=True,
+                                    retain_graph=True, allow_unused=True)
+        unused = [name for (name, _), g in zip(self.named_params, grads) if g is None]
+        if unused:
+            raise ValueError(f"the task losses do not depend on shared parameter(s) {unused}")
+        return per_task_norms(grads)
+
+    def step(self, L_i: Tensor) -> Tensor:
+        """One GradNorm update from this step's task losses; returns the new ``w_i``.
+
+        Compute the training loss with ``w_i`` *before* calling this, as Algorithm 1 updates
+        the network with w(t). Non-finite losses or norms skip the update (``self.aux.finite``).
+        """
+        norms = self.task_norms(L_i)
+        self.state, self.aux = step_from_norms(self.state, L_i.detach(), norms)
+        self._pending = None
+        return self.w_i
+
+    def gradnorm(self, L_i: Tensor) -> Tensor:
+        """L_grad for this step (seed API), differentiable with respect to the weights only.
+
+        Pass the result to :meth:`apply_grads`.
+        """
+        norms = self.task_norms(L_i)
+        weights = self.state.weights.detach().requires_grad_(True)
+        loss_grad, aux = gradnorm_loss_from_norms(self.state._replace(weights=weights),
+                                                  L_i.detach(), norms)
+        self._pending = (weights, aux)
+        return loss_grad
+
+    def apply_grads(self, L_grad: Tensor, lr: float | None = None) -> Tensor:
+        """Updates the weights from the L_grad of :meth:`gradnorm`; returns the new ``w_i``.
+
+        Args:
+            L_grad: the value :meth:`gradnorm` returned for this step.
+            lr: a learning rate for this update only; the configured one otherwise.
+        """
+        if self._pending is None:
+            raise RuntimeError("apply_grads needs the L_grad of a preceding gradnorm(L_i) call")
+        weights, aux = self._pending
+        (grads,) = torch.autograd.grad(L_grad, weights)
+        state = self.state
+        if lr is not None:
+            if not lr > 0:
+                raise ValueError(f"lr must be positive, got {lr!r}")
+            state = state._replace(hyper=state.hyper._replace(lr=torch.full_like(state.hyper.lr, lr)))
+        self.state = update(state, grads, aux=aux)._replace(hyper=self.state.hyper)
+        self.aux, self._pending = aux, None
+        return self.w_i
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The full state (weights, L_i(0), count, moments, hyper-parameters) as tensors."""
+        return state_to_dict(self.state)
+
+    def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Restores :meth:`state_dict`'s output onto this object's device."""
+        device = self.state.weights.device
+        restored = state_from_dict(state_dict)
+        if restored.weights.shape != self.state.weights.shape:
+            raise ValueError(f"the state holds {restored.weights.shape[0]} tasks, "
+                             f"this GradNorm has {self.number_of_tasks}")
+        self.state = optree.tree_map(lambda t: t.detach().to(device), restored)
+        self._pending = None
