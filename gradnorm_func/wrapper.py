@@ -86,10 +86,9 @@ class GradNorm:
     def number_of_tasks(self) -> int:
         return int(self.state.weights.shape[0])
 
-    def task_norms(self, L_i: Tensor) -> Tensor:
-        """||grad_W L_i||_2 for every task in one batched backward (``is_grads_batched``).
-
-        The graph is retained, so the caller's own ``backward`` still works afterwards.
+    def per_task_grads(self, L_i: Tensor) -> list[Tensor]:
+        """grad_W L_i for every task, stacked on a leading task axis, in one batched backward
+        (``is_grads_batched``). The graph is retained, so the caller's ``backward`` still works.
         """
         check_task_losses(L_i, self.number_of_tasks)
         if not L_i.requires_grad:
@@ -101,7 +100,11 @@ class GradNorm:
         unused = [name for (name, _), g in zip(self.named_params, grads) if g is None]
         if unused:
             raise ValueError(f"the task losses do not depend on shared parameter(s) {unused}")
-        return per_task_norms(grads)
+        return list(grads)  # type: ignore[arg-type]
+
+    def task_norms(self, L_i: Tensor) -> tuple[Tensor, Tensor]:
+        """This step's task losses and ||grad_W L_i||_2 for every task, both Tensor[T]."""
+        return L_i.detach(), per_task_norms(self.per_task_grads(L_i))
 
     def step(self, L_i: Tensor) -> Tensor:
         """One GradNorm update from this step's task losses; returns the new ``w_i``.
@@ -109,8 +112,7 @@ class GradNorm:
         Compute the training loss with ``w_i`` *before* calling this, as Algorithm 1 updates
         the network with w(t). Non-finite losses or norms skip the update (``self.aux.finite``).
         """
-        norms = self.task_norms(L_i)
-        self.state, self.aux = step_from_norms(self.state, L_i.detach(), norms)
+        self.state, self.aux = step_from_norms(self.state, *self.task_norms(L_i))
         self._pending = None
         return self.w_i
 
@@ -119,10 +121,10 @@ class GradNorm:
 
         Pass the result to :meth:`apply_grads`.
         """
-        norms = self.task_norms(L_i)
+        task_losses, norms = self.task_norms(L_i)
         weights = self.state.weights.detach().requires_grad_(True)
         loss_grad, aux = gradnorm_loss_from_norms(self.state._replace(weights=weights),
-                                                  L_i.detach(), norms)
+                                                  task_losses, norms)
         self._pending = (weights, aux)
         return loss_grad
 
