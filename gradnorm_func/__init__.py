@@ -1,5 +1,6 @@
 """GradNorm (Chen et al., ICML 2018, arXiv:1711.02257) on ``torch.func``."""
 
+from gradnorm_func.distributed import all_reduce_task_grads, check_same_tasks
 from gradnorm_func.norms import per_task_norms, task_gradient_norms
 from gradnorm_func.objective import GradNormAux, gradnorm_loss, gradnorm_loss_from_norms
 from gradnorm_func.state import (
@@ -18,6 +19,8 @@ __all__ = [
     "GradNormAux",
     "GradNormHyperParams",
     "GradNormState",
+    "all_reduce_task_grads",
+    "check_same_tasks",
     "gradnorm_loss",
     "gradnorm_loss_from_norms",
     "init_state",

@@ -6,7 +6,10 @@ from typing import Any, Callable
 
 import optree
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from gradnorm_func.distributed import BatchSize, all_reduce_task_grads, check_unsharded
 
 Params = Any  # a pytree of tensors
 LossesFn = Callable[[Params], Tensor]
@@ -40,23 +43,37 @@ def check_task_losses(task_losses: Tensor, num_tasks: int) -> None:
         raise ValueError(f"losses must be floating point, got {task_losses.dtype}")
 
 
-def task_gradient_norms(params: Params, losses: LossesFn, *, num_tasks: int) -> tuple[Tensor, Tensor]:
+def task_gradient_norms(params: Params, losses: LossesFn, *, num_tasks: int,
+                        process_group: dist.ProcessGroup | None = None,
+                        batch_size: BatchSize = None) -> tuple[Tensor, Tensor]:
     """Per-task losses L_i and norms n_i = ||grad_params L_i||_2, without a loop over tasks.
 
     One ``torch.func.vjp`` of ``losses`` at ``params``, then ``vmap`` of its pullback over
     the T one-hot cotangents e_i: grad_params L_i = J^T e_i for every i in one batched pass.
+    With a ``process_group``, the per-task gradients and losses are first averaged over its
+    ranks (:func:`~gradnorm_func.distributed.all_reduce_task_grads`), so n_i is the norm of
+    the global-batch gradient g_i = sum_r n_r g_i^(r) / sum_r n_r, the same on every rank.
 
     Args:
         params: pytree of the shared tensors W (e.g. the last shared layer's parameters).
         losses: maps ``params`` to the Tensor[T] of per-task losses.
         num_tasks: T, checked against the shape ``losses`` returns.
+        process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``)
+            to synchronise over with one all-reduce; None computes on the local batch only.
+        batch_size: this rank's local batch size n_r, to weight the ranks when their batches
+            differ in size; None weights them equally. Ignored without ``process_group``.
 
     Returns:
         ``(task_losses, norms)``, both Tensor[T]; ``task_losses`` keeps its dtype, ``norms``
         are at least float32.
     """
+    paths, leaves, _ = optree.tree_flatten_with_path(params)
+    check_unsharded([(".".join(map(str, path)) or "params", leaf) for path, leaf in zip(paths, leaves)])
     task_losses, pullback = torch.func.vjp(losses, params)
     check_task_losses(task_losses, num_tasks)
     one_hot = torch.eye(num_tasks, dtype=task_losses.dtype, device=task_losses.device)
     (per_task_grads,) = torch.func.vmap(pullback)(one_hot)
+    if process_group is not None:
+        per_task_grads, task_losses = all_reduce_task_grads(
+            per_task_grads, task_losses, process_group=process_group, batch_size=batch_size)
     return task_losses, per_task_norms(per_task_grads)

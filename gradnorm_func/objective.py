@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from gradnorm_func.distributed import BatchSize
 from gradnorm_func.norms import LossesFn, Params, check_task_losses, task_gradient_norms
 from gradnorm_func.state import GradNormState
 
@@ -74,7 +76,8 @@ def gradnorm_loss_from_norms(
 
 
 def gradnorm_loss(
-    state: GradNormState, params: Params, losses: LossesFn
+    state: GradNormState, params: Params, losses: LossesFn, *,
+    process_group: dist.ProcessGroup | None = None, batch_size: BatchSize = None,
 ) -> tuple[Tensor, GradNormAux]:
     """L_grad at the shared parameters ``params``; see :func:`gradnorm_loss_from_norms`.
 
@@ -83,6 +86,10 @@ def gradnorm_loss(
         params: pytree of the shared tensors W, typically the last shared layer's.
         losses: maps ``params`` to the Tensor[T] of per-task losses. The T gradient norms
             come from one batched pass (:func:`task_gradient_norms`).
+        process_group: synchronise the per-task gradients and losses over this group's
+            ranks (one all-reduce), so that L_grad is that of the global batch on every rank.
+        batch_size: this rank's local batch size n_r when ranks' batches differ in size.
     """
-    task_losses, norms = task_gradient_norms(params, losses, num_tasks=state.weights.shape[0])
+    task_losses, norms = task_gradient_norms(params, losses, num_tasks=state.weights.shape[0],
+                                             process_group=process_group, batch_size=batch_size)
     return gradnorm_loss_from_norms(state, task_losses, norms)

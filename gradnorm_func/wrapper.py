@@ -6,8 +6,16 @@ from typing import Any, Iterable, Union
 
 import optree
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from gradnorm_func.distributed import (
+    BatchSize,
+    all_reduce_task_grads,
+    check_same_tasks,
+    check_unsharded,
+    sync_group,
+)
 from gradnorm_func.norms import check_task_losses, per_task_norms
 from gradnorm_func.objective import GradNormAux, gradnorm_loss_from_norms
 from gradnorm_func.state import GradNormState, init_state, state_from_dict, state_to_dict
@@ -61,14 +69,31 @@ class GradNorm:
         lr_warmup: steps of linear learning-rate warm-up (0: none).
         device: device of the state; by default that of the first shared parameter.
         optimizer: ``"sgd"`` (default, a plain gradient step) or ``"adam"`` (the paper's).
+        process_group: the ``torch.distributed`` group to synchronise over; None means the
+            default (world) group.
+        sync: None (default) synchronises whenever ``torch.distributed`` is initialised at
+            the time of a step; True requires it; False never synchronises. Synchronised
+            steps norm the global-batch per-task gradients g_i = sum_r n_r g_i^(r) / sum_r n_r
+            and use the global-batch losses, with one all-reduce per step, so every rank
+            holds the same weights. The first synchronised step also checks, once, that all
+            ranks agree on T and on the size of W.
+        local_batch_size: n_r, this rank's batch size, to weight the ranks when their
+            batches differ in size (e.g. an uneven last batch); None weights them equally,
+            as DDP does for the model's gradients. It is an attribute: set
+            ``gn.local_batch_size = len(x)`` before a step whose batch size changes.
         **options: further keyword arguments of :func:`init_state` (``initial_losses``,
             ``min_weight``, ``betas``, ``eps``, ``dtype``).
     """
 
     def __init__(self, layer: SharedLayer, alpha: float, number_of_tasks: int, lr: float = 1e-3,
                  lr_warmup: int = 0, device: torch.device | str | None = None, *,
-                 optimizer: str = "sgd", **options: Any) -> None:
+                 optimizer: str = "sgd", process_group: dist.ProcessGroup | None = None,
+                 sync: bool | None = None, local_batch_size: BatchSize = None,
+                 **options: Any) -> None:
+        if sync is False and process_group is not None:
+            raise ValueError("process_group was given with sync=False: pass one or the other")
         self.named_params = named_shared_params(layer)
+        check_unsharded(self.named_params)
         if device is None:
             device = self.named_params[0][1].device
         self.state: GradNormState = init_state(number_of_tasks, alpha=alpha, lr=lr,
@@ -76,6 +101,10 @@ class GradNorm:
                                                warmup_steps=lr_warmup, device=device, **options)
         self.aux: GradNormAux | None = None  # the last step's losses, norms, targets, ...
         self._pending: tuple[Tensor, GradNormAux] | None = None
+        self.process_group = process_group
+        self.sync = sync
+        self.local_batch_size = local_batch_size
+        self._checked_groups: set[dist.ProcessGroup] = set()  # groups that agreed on T, numel(W)
 
     @property
     def w_i(self) -> Tensor:
@@ -103,8 +132,22 @@ class GradNorm:
         return list(grads)  # type: ignore[arg-type]
 
     def task_norms(self, L_i: Tensor) -> tuple[Tensor, Tensor]:
-        """This step's task losses and ||grad_W L_i||_2 for every task, both Tensor[T]."""
-        return L_i.detach(), per_task_norms(self.per_task_grads(L_i))
+        """This step's task losses and ||grad_W L_i||_2 for every task, both Tensor[T].
+
+        When synchronised (see ``sync``), both are those of the global batch: the per-task
+        gradients and losses are averaged over the ranks before the norm is taken.
+        """
+        grads, losses = self.per_task_grads(L_i), L_i.detach()
+        group = sync_group(self.process_group, self.sync)
+        if group is None:
+            return losses, per_task_norms(grads)
+        if group not in self._checked_groups:
+            check_same_tasks(self.number_of_tasks, sum(p.numel() for _, p in self.named_params),
+                             process_group=group, device=losses.device)
+            self._checked_groups.add(group)
+        grads, losses = all_reduce_task_grads(grads, losses, process_group=group,
+                                              batch_size=self.local_batch_size)
+        return losses, per_task_norms(grads)
 
     def step(self, L_i: Tensor) -> Tensor:
         """One GradNorm update from this step's task losses; returns the new ``w_i``.
