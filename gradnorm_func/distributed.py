@@ -14,6 +14,7 @@ bit-identical weights.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Union
 
 import optree
@@ -21,7 +22,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 if TYPE_CHECKING:
     from gradnorm_func.norms import Params
@@ -82,8 +82,9 @@ def check_unsharded(named_tensors: list[tuple[str, Tensor]]) -> None:
     """Raises ``ValueError`` naming any shared tensor that is a DTensor (FSDP2, tensor
     parallelism) or an FSDP ``FlatParameter``: each rank holds only a shard of W there, so a
     data-parallel all-reduce of per-task gradients would not give grad_W L_i."""
-    sharded = [name for name, t in named_tensors
-               if isinstance(t, DTensor) or getattr(t, "_is_flat_param", False)]
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before its import
+    sharded = [name for name, t in named_tensors if getattr(t, "_is_flat_param", False)
+               or (dtensor is not None and isinstance(t, dtensor.DTensor))]
     if sharded:
         raise ValueError(f"the shared parameter(s) {sharded} are sharded (DTensor or FSDP "
                          "FlatParameter); GradNorm supports replicated (DDP) shared layers only")

@@ -1,0 +1,129 @@
+"""Multi-process GradNorm on CPU (gloo): identical weights on every rank, equal to one process.
+
+The workers (``ddp_workers.py``) run real ``DistributedDataParallel`` training in 2 and 3
+processes started with ``torch.multiprocessing.spawn``; only loopback traffic.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ddp_workers
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import gradnorm_func as gf
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for child interpreters, importing this checkout's package."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2procs", "3procs"])
+def ranks(request, tmp_path_factory) -> list[dict]:
+    world = request.param
+    out = tmp_path_factory.mktemp(f"ddp{world}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
+        mp.spawn(ddp_workers.worker, args=(world, ddp_workers.free_port(), str(out), world == 2),
+                 nprocs=world)
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+def assert_same_on_all_ranks(ranks: list[dict], run: str) -> None:
+    for other in ranks[1:]:
+        for key, value in ranks[0][run].items():
+            assert torch.equal(other[run][key], value), f"{run}.{key} differs between ranks"
+
+
+def test_weights_are_bit_identical_and_equal_to_one_process(ranks):
+    assert_same_on_all_ranks(ranks, "weighted")
+    expected = ddp_workers.reference()
+    got = ranks[0]["weighted"]
+    torch.testing.assert_close(got["weights"], expected["weights"], rtol=1e-10, atol=1e-12)
+    assert (got["weights"][-1] - 1).abs().max() > 1e-2  # the weights did move
+
+
+def test_model_parameters_stay_in_sync(ranks):
+    for other in ranks[1:]:
+        assert torch.equal(other["weighted"]["params"], ranks[0]["weighted"]["params"])
+
+
+def test_uneven_last_batch_without_batch_sizes_weights_ranks_equally(ranks):
+    # Even batches: equal to the global batch. The uneven last batch, without
+    # ``local_batch_size``, averages the rank means (as DDP does): identical on all ranks,
+    # but not the global-batch mean.
+    assert_same_on_all_ranks(ranks, "unweighted")
+    expected = ddp_workers.reference()["weights"]
+    got = ranks[0]["unweighted"]["weights"]
+    torch.testing.assert_close(got[:-1], expected[:-1], rtol=1e-10, atol=1e-12)
+    assert (got[-1] - expected[-1]).abs().max() > 1e-9
+
+
+def test_nan_on_one_rank_skips_the_update_on_every_rank(ranks):
+    assert_same_on_all_ranks(ranks, "poisoned")
+    poisoned = ranks[0]["poisoned"]
+    step = ddp_workers.NAN_STEP
+    assert not poisoned["finite"][step] and poisoned["finite"][:step].all()
+    assert poisoned["counts"][step] == poisoned["counts"][step - 1]
+    assert torch.equal(poisoned["weights"][step], poisoned["weights"][step - 1])
+    assert torch.isfinite(poisoned["weights"]).all()
+
+
+def test_functional_step_with_process_group_equals_one_process(ranks):
+    assert_same_on_all_ranks(ranks, "functional")
+    expected = ddp_workers.functional_reference()
+    torch.testing.assert_close(ranks[0]["functional"]["weights"], expected, rtol=1e-5, atol=1e-6)
+    if "compiled" in ranks[0]:  # torch.compile(fullgraph=True) with functional collectives
+        assert_same_on_all_ranks(ranks, "compiled")
+        torch.testing.assert_close(ranks[0]["compiled"]["weights"], expected[:2], rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_ranks_that_disagree_on_the_task_count_raise_a_clear_error(ranks):
+    for rank, result in enumerate(ranks):
+        assert f"rank {rank} has T={2 + rank}" in result["mismatch"]
+        assert f"T in [2, {1 + len(ranks)}]" in result["mismatch"]
+
+
+def test_lightning_ddp_strategy_keeps_weights_identical(tmp_path):
+    pytest.importorskip("lightning")
+    subprocess.run([sys.executable, str(REPO / "examples" / "lightning_ddp.py"), "--out",
+                    str(tmp_path), "--steps", "4"], env=child_env(), cwd=tmp_path, check=True,
+                   timeout=240)
+    weights = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert weights[0].shape == (4, 2)
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0][-1], torch.ones(2))
+
+
+def test_torchrun_example_runs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             str(REPO / "examples" / "ddp_train.py"), "--steps", "5"],
+                            env=child_env(), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max weight difference across ranks: 0" in result.stdout
+
+
+def test_sync_options_and_sharded_layers_are_checked():
+    layer = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="process_group.*sync=False"):
+        gf.GradNorm(layer, 1.5, 2, sync=False, process_group=object())
+    layer.weight._is_flat_param = True  # what FSDP's FlatParameter carries
+    with pytest.raises(ValueError, match=r"\['weight'\].*sharded"):
+        gf.GradNorm(layer, 1.5, 2)
+    layer = torch.nn.Linear(3, 2)
+    gn = gf.GradNorm(layer, 1.5, 2, sync=True)
+    with pytest.raises(RuntimeError, match="sync=True.*init_process_group"):
+        gn.step(layer(torch.ones(4, 3)).mean(0))
