@@ -59,7 +59,8 @@ class GradNorm:
         lr: learning rate of the weights. L_grad is the paper's L1 *sum*, so a learning rate
             for an implementation that averages over tasks corresponds to ``lr / T`` here.
         lr_warmup: steps of linear learning-rate warm-up (0: none).
-        device: device of the state; by default that of the first shared parameter.
+        device: device of the state. By default it is that of the shared layer, and the
+            state follows the layer when the model moves (e.g. when Lightning moves it).
         optimizer: ``"sgd"`` (default, a plain gradient step) or ``"adam"`` (the paper's).
         **options: further keyword arguments of :func:`init_state` (``initial_losses``,
             ``min_weight``, ``betas``, ``eps``, ``dtype``).
@@ -69,6 +70,7 @@ class GradNorm:
                  lr_warmup: int = 0, device: torch.device | str | None = None, *,
                  optimizer: str = "sgd", **options: Any) -> None:
         self.named_params = named_shared_params(layer)
+        self.follow_layer_device = device is None
         if device is None:
             device = self.named_params[0][1].device
         self.state: GradNormState = init_state(number_of_tasks, alpha=alpha, lr=lr,
@@ -80,7 +82,13 @@ class GradNorm:
     @property
     def w_i(self) -> Tensor:
         """Tensor[T] of the current task weights w_i(t); a new tensor after every update."""
+        self._follow_layer()
         return self.state.weights
+
+    def _follow_layer(self) -> None:
+        layer_device = self.named_params[0][1].device
+        if self.follow_layer_device and self.state.weights.device != layer_device:
+            self.state = optree.tree_map(lambda t: t.to(layer_device), self.state)
 
     @property
     def number_of_tasks(self) -> int:
@@ -112,6 +120,7 @@ class GradNorm:
         Compute the training loss with ``w_i`` *before* calling this, as Algorithm 1 updates
         the network with w(t). Non-finite losses or norms skip the update (``self.aux.finite``).
         """
+        self._follow_layer()
         self.state, self.aux = step_from_norms(self.state, *self.task_norms(L_i))
         self._pending = None
         return self.w_i
@@ -121,6 +130,7 @@ class GradNorm:
 
         Pass the result to :meth:`apply_grads`.
         """
+        self._follow_layer()
         task_losses, norms = self.task_norms(L_i)
         weights = self.state.weights.detach().requires_grad_(True)
         loss_grad, aux = gradnorm_loss_from_norms(self.state._replace(weights=weights),
