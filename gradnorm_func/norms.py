@@ -55,7 +55,7 @@ def task_gradient_norms(params: Params, losses: LossesFn, *, num_tasks: int) -> 
         ``(task_losses, norms)``, both Tensor[T]; ``task_losses`` keeps its dtype, ``norms``
         are at least float32.
     """
-    task_losses, pullback = torch.func.vjp(losses, params)
+    task_losses, pullback = torch.func.vjp(losses, params)  # type: ignore[misc]
     check_task_losses(task_losses, num_tasks)
     one_hot = torch.eye(num_tasks, dtype=task_losses.dtype, device=task_losses.device)
     (per_task_grads,) = torch.func.vmap(pullback)(one_hot)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Union
 
-import optree
 import torch
 from torch import Tensor, nn
 
 from gradnorm_func.norms import check_task_losses, per_task_norms
 from gradnorm_func.objective import GradNormAux, gradnorm_loss_from_norms
-from gradnorm_func.state import GradNormState, init_state, state_from_dict, state_to_dict
+from gradnorm_func.state import GradNormState, Optimizer, init_state, state_from_dict, state_to, state_to_dict
 from gradnorm_func.step import step_from_norms
 from gradnorm_func.update import update
 
@@ -21,7 +20,8 @@ def named_shared_params(layer: SharedLayer) -> list[tuple[str, Tensor]]:
     """The tensors W that GradNorm norms: all of a module's trainable parameters (weight and
     bias alike), a single tensor, or each tensor of an iterable."""
     if isinstance(layer, nn.Module):
-        named = [(name, p) for name, p in layer.named_parameters() if p.requires_grad]
+        named: list[tuple[str, Tensor]] = [
+            (name, p) for name, p in layer.named_parameters() if p.requires_grad]
     elif isinstance(layer, Tensor):
         named = [("layer", layer)] if layer.requires_grad else []
     else:
@@ -68,13 +68,13 @@ class GradNorm:
 
     def __init__(self, layer: SharedLayer, alpha: float, number_of_tasks: int, lr: float = 1e-3,
                  lr_warmup: int = 0, device: torch.device | str | None = None, *,
-                 optimizer: str = "sgd", **options: Any) -> None:
+                 optimizer: Optimizer = "sgd", **options: Any) -> None:
         self.named_params = named_shared_params(layer)
         self.follow_layer_device = device is None
         if device is None:
             device = self.named_params[0][1].device
         self.state: GradNormState = init_state(number_of_tasks, alpha=alpha, lr=lr,
-                                               optimizer=optimizer,  # type: ignore[arg-type]
+                                               optimizer=optimizer,
                                                warmup_steps=lr_warmup, device=device, **options)
         self.aux: GradNormAux | None = None  # the last step's losses, norms, targets, ...
         self._pending: tuple[Tensor, GradNormAux] | None = None
@@ -88,7 +88,7 @@ class GradNorm:
     def _follow_layer(self) -> None:
         layer_device = self.named_params[0][1].device
         if self.follow_layer_device and self.state.weights.device != layer_device:
-            self.state = optree.tree_map(lambda t: t.to(layer_device), self.state)
+            self.state = state_to(self.state, layer_device)
 
     @property
     def number_of_tasks(self) -> int:
@@ -108,7 +108,7 @@ class GradNorm:
         unused = [name for (name, _), g in zip(self.named_params, grads) if g is None]
         if unused:
             raise ValueError(f"the task losses do not depend on shared parameter(s) {unused}")
-        return list(grads)  # type: ignore[arg-type]
+        return list(grads)
 
     def task_norms(self, L_i: Tensor) -> tuple[Tensor, Tensor]:
         """This step's task losses and ||grad_W L_i||_2 for every task, both Tensor[T]."""
@@ -159,7 +159,7 @@ class GradNorm:
         return self.w_i
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The full state (weights, L_i(0), count, moments, hyper-parameters) as tensors."""
+        """The full state (weights, L_i(0), update count, moments, hyper-parameters) as tensors."""
         return state_to_dict(self.state)
 
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
@@ -169,5 +169,5 @@ class GradNorm:
         if restored.weights.shape != self.state.weights.shape:
             raise ValueError(f"the state holds {restored.weights.shape[0]} tasks, "
                              f"this GradNorm has {self.number_of_tasks}")
-        self.state = optree.tree_map(lambda t: t.detach().to(device), restored)
+        self.state = state_to(restored, device)
         self._pending = None

@@ -58,7 +58,7 @@ def test_seed_readme_snippet_runs_unchanged():
             gradnorm.apply_grads(L_grad)  # <--- Line 2
 
             optimizer.step()
-    assert int(gradnorm.state.count) == epochs * len(dataloader)
+    assert int(gradnorm.state.update_count) == epochs * len(dataloader)
     torch.testing.assert_close(gradnorm.w_i.sum(), torch.tensor(10.0))
     assert not torch.equal(gradnorm.w_i, torch.ones(10))
 
@@ -67,7 +67,7 @@ def test_compiled_functional_example_equals_eager():
     eager = functional_step.main(["--steps", "6", "--no-compile"])
     compiled = functional_step.main(["--steps", "6"])
     torch.testing.assert_close(compiled.weights, eager.weights, rtol=1e-5, atol=1e-6)
-    assert int(compiled.count) == 6
+    assert int(compiled.update_count) == 6
 
 
 def test_mixed_precision_weights_do_not_depend_on_loss_scale(capsys):
@@ -85,7 +85,7 @@ def test_lightning_logs_weights_and_resumes_bit_identically(tmp_path):
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert torch.equal(checkpoint["gradnorm"]["weights"], first.gradnorm.w_i)
     resumed = lightning_train.main(["--epochs", "4", "--resume", str(tmp_path / "last.ckpt")])
-    assert int(resumed.gradnorm.state.count) == int(full.gradnorm.state.count) == 32
+    assert int(resumed.gradnorm.state.update_count) == int(full.gradnorm.state.update_count) == 32
     assert torch.equal(resumed.gradnorm.w_i, full.gradnorm.w_i)
     logged = resumed.trainer.callback_metrics
     assert [float(logged[f"w_{i}"]) for i in range(3)] == resumed.gradnorm.w_i.tolist()
