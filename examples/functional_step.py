@@ -6,6 +6,7 @@ Run: python examples/functional_step.py [--steps 200] [--no-compile]
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from torch import nn
@@ -13,11 +14,11 @@ from torch import nn
 import gradnorm_func as gf
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> gf.GradNormState:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--no-compile", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     sigmas = torch.tensor([1.0, 10.0, 100.0])
@@ -46,8 +47,10 @@ def main() -> None:
         y = sigmas * torch.tanh(x @ projection)
         state, params, aux = step_fn(state, params, x, y)
         if t % max(1, args.steps // 10) == 0 or t == args.steps - 1:
-            print(f"step {t:4d}  losses {aux.losses.tolist()}  weights {state.weights.tolist()}")
+            print(f"step {t:4d}  losses {[round(v, 4) for v in aux.losses.tolist()]}  "
+                  f"weights {[round(v, 4) for v in state.weights.tolist()]}")
+    return state
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -70,7 +70,7 @@ def task_gradient_norms(params: Params, losses: LossesFn, *, num_tasks: int,
     paths, leaves, _ = optree.tree_flatten_with_path(params)
     check_unsharded([(".".join(map(str, path)) or "params", leaf)
                      for path, leaf in zip(paths, leaves)])
-    task_losses, pullback = torch.func.vjp(losses, params)
+    task_losses, pullback = torch.func.vjp(losses, params)  # type: ignore[misc]
     check_task_losses(task_losses, num_tasks)
     one_hot = torch.eye(num_tasks, dtype=task_losses.dtype, device=task_losses.device)
     (per_task_grads,) = torch.func.vmap(pullback)(one_hot)

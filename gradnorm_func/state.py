@@ -35,7 +35,7 @@ class GradNormState(NamedTuple):
 
     weights: Tensor  # [T] float: task weights w_i(t), positive, summing to T
     initial_losses: Tensor  # [T] float: L_i(0); NaN until the first finite step records it
-    count: Tensor  # [] int64: number of weight updates applied (skipped steps excluded)
+    update_count: Tensor  # [] int64: number of weight updates applied (skipped steps excluded)
     exp_avg: Tensor  # [T] float: Adam's first moment of dL_grad/dw (zero under SGD)
     exp_avg_sq: Tensor  # [T] float: Adam's second moment of dL_grad/dw (zero under SGD)
     hyper: GradNormHyperParams
@@ -125,7 +125,7 @@ def init_state(
     return GradNormState(
         weights=torch.ones(num_tasks, dtype=dtype, device=device),
         initial_losses=initial,
-        count=torch.zeros((), dtype=torch.int64, device=device),
+        update_count=torch.zeros((), dtype=torch.int64, device=device),
         exp_avg=zeros,
         exp_avg_sq=zeros.clone(),
         hyper=GradNormHyperParams(
@@ -141,6 +141,14 @@ def init_state(
     )
 
 
+def state_to(state: GradNormState, device: torch.device | str) -> GradNormState:
+    """``state`` with every tensor detached and moved to ``device``."""
+    hyper = GradNormHyperParams(*(t.detach().to(device) for t in state.hyper))
+    fields = {name: getattr(state, name).detach().to(device)
+              for name in GradNormState._fields if name != "hyper"}
+    return GradNormState(**fields, hyper=hyper)
+
+
 def state_to_dict(state: GradNormState) -> dict[str, Tensor]:
     """Flattens ``state`` into a ``{name: tensor}`` dict for ``torch.save`` or a checkpoint."""
     flat = {name: value for name, value in state._asdict().items() if name != "hyper"}
@@ -151,5 +159,5 @@ def state_to_dict(state: GradNormState) -> dict[str, Tensor]:
 def state_from_dict(flat: dict[str, Tensor]) -> GradNormState:
     """Inverse of :func:`state_to_dict`; raises ``KeyError`` naming a missing entry."""
     hyper = GradNormHyperParams(*(flat[f"hyper.{name}"] for name in GradNormHyperParams._fields))
-    fields = [name for name in GradNormState._fields if name != "hyper"]
-    return GradNormState(*(flat[name] for name in fields), hyper=hyper)
+    fields = {name: flat[name] for name in GradNormState._fields if name != "hyper"}
+    return GradNormState(**fields, hyper=hyper)

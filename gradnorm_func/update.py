@@ -38,7 +38,7 @@ def update(state: GradNormState, grads: Tensor, *, aux: GradNormAux | None = Non
     if aux is not None:
         finite = finite & aux.finite
 
-    count = state.count + 1
+    count = state.update_count + 1
     t = count.to(dtype)
     lr = hyper.lr * torch.clamp(t / torch.clamp(hyper.warmup_steps, min=1.0), max=1.0)
     exp_avg = torch.where(
@@ -63,7 +63,7 @@ def update(state: GradNormState, grads: Tensor, *, aux: GradNormAux | None = Non
     return state._replace(
         weights=keep_if_finite(weights, state.weights),
         initial_losses=keep_if_finite(initial, state.initial_losses),
-        count=keep_if_finite(count, state.count),
+        update_count=keep_if_finite(count, state.update_count),
         exp_avg=keep_if_finite(exp_avg, state.exp_avg),
         exp_avg_sq=keep_if_finite(exp_avg_sq, state.exp_avg_sq),
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Union
 
-import optree
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -18,7 +17,7 @@ from gradnorm_func.distributed import (
 )
 from gradnorm_func.norms import check_task_losses, per_task_norms
 from gradnorm_func.objective import GradNormAux, gradnorm_loss_from_norms
-from gradnorm_func.state import GradNormState, init_state, state_from_dict, state_to_dict
+from gradnorm_func.state import GradNormState, Optimizer, init_state, state_from_dict, state_to, state_to_dict
 from gradnorm_func.step import step_from_norms
 from gradnorm_func.update import update
 
@@ -29,7 +28,8 @@ def named_shared_params(layer: SharedLayer) -> list[tuple[str, Tensor]]:
     """The tensors W that GradNorm norms: all of a module's trainable parameters (weight and
     bias alike), a single tensor, or each tensor of an iterable."""
     if isinstance(layer, nn.Module):
-        named = [(name, p) for name, p in layer.named_parameters() if p.requires_grad]
+        named: list[tuple[str, Tensor]] = [
+            (name, p) for name, p in layer.named_parameters() if p.requires_grad]
     elif isinstance(layer, Tensor):
         named = [("layer", layer)] if layer.requires_grad else []
     else:
@@ -67,7 +67,8 @@ class GradNorm:
         lr: learning rate of the weights. L_grad is the paper's L1 *sum*, so a learning rate
             for an implementation that averages over tasks corresponds to ``lr / T`` here.
         lr_warmup: steps of linear learning-rate warm-up (0: none).
-        device: device of the state; by default that of the first shared parameter.
+        device: device of the state. By default it is that of the shared layer, and the
+            state follows the layer when the model moves (e.g. when Lightning moves it).
         optimizer: ``"sgd"`` (default, a plain gradient step) or ``"adam"`` (the paper's).
         process_group: the ``torch.distributed`` group to synchronise over; None means the
             default (world) group.
@@ -87,17 +88,18 @@ class GradNorm:
 
     def __init__(self, layer: SharedLayer, alpha: float, number_of_tasks: int, lr: float = 1e-3,
                  lr_warmup: int = 0, device: torch.device | str | None = None, *,
-                 optimizer: str = "sgd", process_group: dist.ProcessGroup | None = None,
+                 optimizer: Optimizer = "sgd", process_group: dist.ProcessGroup | None = None,
                  sync: bool | None = None, local_batch_size: BatchSize = None,
                  **options: Any) -> None:
         if sync is False and process_group is not None:
             raise ValueError("process_group was given with sync=False: pass one or the other")
         self.named_params = named_shared_params(layer)
         check_unsharded(self.named_params)
+        self.follow_layer_device = device is None
         if device is None:
             device = self.named_params[0][1].device
         self.state: GradNormState = init_state(number_of_tasks, alpha=alpha, lr=lr,
-                                               optimizer=optimizer,  # type: ignore[arg-type]
+                                               optimizer=optimizer,
                                                warmup_steps=lr_warmup, device=device, **options)
         self.aux: GradNormAux | None = None  # the last step's losses, norms, targets, ...
         self._pending: tuple[Tensor, GradNormAux] | None = None
@@ -109,7 +111,13 @@ class GradNorm:
     @property
     def w_i(self) -> Tensor:
         """Tensor[T] of the current task weights w_i(t); a new tensor after every update."""
+        self._follow_layer()
         return self.state.weights
+
+    def _follow_layer(self) -> None:
+        layer_device = self.named_params[0][1].device
+        if self.follow_layer_device and self.state.weights.device != layer_device:
+            self.state = state_to(self.state, layer_device)
 
     @property
     def number_of_tasks(self) -> int:
@@ -129,7 +137,7 @@ class GradNorm:
         unused = [name for (name, _), g in zip(self.named_params, grads) if g is None]
         if unused:
             raise ValueError(f"the task losses do not depend on shared parameter(s) {unused}")
-        return list(grads)  # type: ignore[arg-type]
+        return list(grads)
 
     def task_norms(self, L_i: Tensor) -> tuple[Tensor, Tensor]:
         """This step's task losses and ||grad_W L_i||_2 for every task, both Tensor[T].
@@ -155,6 +163,7 @@ class GradNorm:
         Compute the training loss with ``w_i`` *before* calling this, as Algorithm 1 updates
         the network with w(t). Non-finite losses or norms skip the update (``self.aux.finite``).
         """
+        self._follow_layer()
         self.state, self.aux = step_from_norms(self.state, *self.task_norms(L_i))
         self._pending = None
         return self.w_i
@@ -164,6 +173,7 @@ class GradNorm:
 
         Pass the result to :meth:`apply_grads`.
         """
+        self._follow_layer()
         task_losses, norms = self.task_norms(L_i)
         weights = self.state.weights.detach().requires_grad_(True)
         loss_grad, aux = gradnorm_loss_from_norms(self.state._replace(weights=weights),
@@ -192,7 +202,7 @@ class GradNorm:
         return self.w_i
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The full state (weights, L_i(0), count, moments, hyper-parameters) as tensors."""
+        """The full state (weights, L_i(0), update count, moments, hyper-parameters) as tensors."""
         return state_to_dict(self.state)
 
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
@@ -202,5 +212,5 @@ class GradNorm:
         if restored.weights.shape != self.state.weights.shape:
             raise ValueError(f"the state holds {restored.weights.shape[0]} tasks, "
                              f"this GradNorm has {self.number_of_tasks}")
-        self.state = optree.tree_map(lambda t: t.detach().to(device), restored)
+        self.state = state_to(restored, device)
         self._pending = None

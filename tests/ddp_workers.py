@@ -59,7 +59,7 @@ def train(model: torch.nn.Module, shared: torch.nn.Module, batches: list[tuple[T
         loss.backward()
         opt.step()
         weights.append(gn.w_i)
-        counts.append(gn.state.count)
+        counts.append(gn.state.update_count)
         finite.append(gn.aux.finite)
     return {"weights": torch.stack(weights), "counts": torch.stack(counts),
             "finite": torch.stack(finite)}

@@ -61,13 +61,13 @@ def test_non_finite_step_leaves_state_unchanged(bad, where):
     optree.tree_map(lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0), new_state, state)
     # The next finite step proceeds from the untouched state.
     after, aux = gf.step_from_norms(new_state, losses.nan_to_num(1.0, 1.0), norms.nan_to_num(1.0, 1.0))
-    assert bool(aux.finite) and int(after.count) == 2
+    assert bool(aux.finite) and int(after.update_count) == 2
 
 
 def test_first_step_non_finite_does_not_record_initial_losses():
     state = gf.init_state(2)
     state, aux = gf.step_from_norms(state, torch.tensor([math.nan, 1.0]), torch.ones(2))
-    assert torch.isnan(state.initial_losses).all() and int(state.count) == 0
+    assert torch.isnan(state.initial_losses).all() and int(state.update_count) == 0
     state, _ = gf.step_from_norms(state, torch.tensor([4.0, 1.0]), torch.ones(2))
     torch.testing.assert_close(state.initial_losses, torch.tensor([4.0, 1.0]))
 

@@ -160,4 +160,4 @@ def test_nan_loss_skips_update_and_training_continues():
     before = gn.state
     gn.step(task_losses(model, x, y) * torch.tensor([float("nan"), 1.0]))
     assert not bool(gn.aux.finite)
-    assert torch.equal(gn.w_i, before.weights) and torch.equal(gn.state.count, before.count)
+    assert torch.equal(gn.w_i, before.weights) and torch.equal(gn.state.update_count, before.update_count)
