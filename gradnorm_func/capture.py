@@ -85,12 +85,11 @@ class TaskFork:
     def _on_source(self, record: _Record, _: Tensor) -> None:
         # Cleared first: the vjp below runs z's node again, and with it this hook.
         cotangents, record.cotangents = record.cotangents, [None] * self.num_tasks
-        if record is self._record and record.grads is None and any(
-                c is not None for c in cotangents):
+        if record is self._record and any(c is not None for c in cotangents):
             record.grads = self._segment_grads(record, self._stack(cotangents))
 
     def _on_stacked(self, record: _Record, grad: Tensor) -> None:
-        if record is self._record and record.grads is None:
+        if record is self._record:
             record.grads = self._segment_grads(record, grad)
 
     def _stack(self, cotangents: Sequence[Tensor | None]) -> Tensor:
@@ -107,10 +106,10 @@ class TaskFork:
                 if g is None else g for p, g in zip(self.params, grads)]
 
     def per_task_grads(self, L_i: Tensor, weights: Tensor) -> list[Tensor] | None:
-        """grad_W L_i stacked on a task axis, from this forward's fork; None without a fork.
+        """grad_W L_i stacked on a task axis, from the last forward's fork; None without a fork.
 
         After the caller's backward of sum_i w_i L_i (``weights`` = the w_i it used), the
-        captured grad_W (w_i L_i) are divided by w_i. Before it, the cotangents come from one
+        grad_W (w_i L_i) captured by the latest backward through the fork are divided by w_i. Before it, the cotangents come from one
         backward of sum_i L_i through the heads, with the graph retained. The fork is used
         once: the next call needs a new forward.
         """
