@@ -20,6 +20,9 @@ import torch
 from torch import Tensor, nn
 
 
+_CHUNK_ELEMENTS = 1 << 18  # cotangent elements per batched vjp of the segment
+
+
 class _Record:
     """One forward's fork: its source z, the per-task views, and what the backward left."""
 
@@ -99,11 +102,19 @@ class TaskFork:
         return torch.stack([torch.zeros_like(present) if c is None else c for c in cotangents])
 
     def _segment_grads(self, record: _Record, cotangents: Tensor) -> list[Tensor]:
-        """The segment's vjp at W for each of the T cotangents at z, in one batched pass."""
-        grads = torch.autograd.grad(record.source, self.params, grad_outputs=cotangents,
-                                    is_grads_batched=True, retain_graph=True, allow_unused=True)
+        """The segment's vjp at W for each of the T cotangents at z, batched over tasks.
+
+        Tasks go in chunks of at most ``_CHUNK_ELEMENTS`` cotangent elements (at least one
+        task), so that the batched backward never holds many copies of a large activation.
+        """
+        per_task = max(1, cotangents[0].numel())
+        chunk = max(1, _CHUNK_ELEMENTS // per_task)
+        parts = [torch.autograd.grad(record.source, self.params, grad_outputs=c,
+                                     is_grads_batched=True, retain_graph=True, allow_unused=True)
+                 for c in cotangents.split(chunk)]
         return [torch.zeros((self.num_tasks, *p.shape), dtype=p.dtype, device=p.device)
-                if g is None else g for p, g in zip(self.params, grads)]
+                if grads[0] is None else torch.cat(grads) if len(grads) > 1 else grads[0]
+                for p, *grads in zip(self.params, *parts)]
 
     def per_task_grads(self, L_i: Tensor, weights: Tensor) -> list[Tensor] | None:
         """grad_W L_i stacked on a task axis, from the last forward's fork; None without a fork.
