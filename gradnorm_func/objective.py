@@ -49,6 +49,25 @@ def gradnorm_loss_from_norms(
         ``(loss_grad, aux)``; ``loss_grad`` is differentiable with respect to
         ``state.weights`` and nothing else.
     """
+    aux = _statistics(state, task_losses, grad_norms)
+    loss_grad = (state.weights * aux.grad_norms - aux.targets).abs().sum()
+    return loss_grad, aux
+
+
+def loss_grad_gradient(state: GradNormState, task_losses: Tensor,
+                       grad_norms: Tensor) -> tuple[Tensor, GradNormAux]:
+    """dL_grad/dw and the aux of :func:`gradnorm_loss_from_norms`, without autograd.
+
+    With the target held constant, d/dw_i sum_j |w_j n_j - target_j| = sign(G_i - target_i) n_i
+    where n_i = ||grad_W L_i||_2 (Chen et al. 2018, Eq. 2). This is the value autograd gives
+    for ``gradnorm_loss_from_norms``, bit for bit, at a fraction of the cost of ``torch.func.grad``.
+    """
+    aux = _statistics(state, task_losses, grad_norms)
+    return (aux.weighted_norms - aux.targets).sign() * aux.grad_norms, aux
+
+
+def _statistics(state: GradNormState, task_losses: Tensor, grad_norms: Tensor) -> GradNormAux:
+    """G_i, the targets, the ratios and L_grad, all detached."""
     num_tasks = state.weights.shape[0]
     check_task_losses(task_losses, num_tasks)
     check_task_losses(grad_norms, num_tasks)
@@ -56,23 +75,21 @@ def gradnorm_loss_from_norms(
     losses = task_losses.detach().to(dtype)
     norms = grad_norms.detach().to(dtype)
     initial = torch.where(torch.isnan(state.initial_losses), losses, state.initial_losses)
-    weighted = state.weights * norms
+    weighted = state.weights.detach() * norms
     inverse_rates = losses / initial
     ratios = inverse_rates / inverse_rates.mean()
-    targets = (weighted.mean() * ratios.pow(state.hyper.alpha)).detach()
-    loss_grad = (weighted - targets).abs().sum()
+    targets = weighted.mean() * ratios.pow(state.hyper.alpha)
     finite = torch.isfinite(losses).all() & torch.isfinite(norms).all()
-    aux = GradNormAux(
+    return GradNormAux(
         losses=losses,
         grad_norms=norms,
-        weighted_norms=weighted.detach(),
+        weighted_norms=weighted,
         targets=targets,
         loss_ratios=ratios,
-        loss_grad=loss_grad.detach(),
+        loss_grad=(weighted - targets).abs().sum(),
         initial_losses=initial,
         finite=finite,
     )
-    return loss_grad, aux
 
 
 def gradnorm_loss(

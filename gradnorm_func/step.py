@@ -8,7 +8,7 @@ from torch import Tensor
 
 from gradnorm_func.distributed import BatchSize
 from gradnorm_func.norms import LossesFn, Params, task_gradient_norms
-from gradnorm_func.objective import GradNormAux, gradnorm_loss_from_norms
+from gradnorm_func.objective import GradNormAux, loss_grad_gradient
 from gradnorm_func.state import GradNormState
 from gradnorm_func.update import update
 
@@ -19,13 +19,12 @@ def step_from_norms(
     """``update(state, dL_grad/dw)`` given per-task losses and unweighted gradient norms.
 
     This is the entry point for callers that already have ||grad_W L_i||, e.g. from the
-    forward/backward pass of their own train step.
+    forward/backward pass of their own train step (:mod:`gradnorm_func.fork`). The gradient
+    dL_grad/dw_i = sign(G_i - target_i) ||grad_W L_i|| is formed directly
+    (:func:`loss_grad_gradient`), which is what autograd of :func:`gradnorm_loss_from_norms`
+    gives, without the cost of a ``torch.func.grad`` transform.
     """
-
-    def loss_of_weights(weights: Tensor) -> tuple[Tensor, GradNormAux]:
-        return gradnorm_loss_from_norms(state._replace(weights=weights), task_losses, grad_norms)
-
-    grads, aux = torch.func.grad(loss_of_weights, has_aux=True)(state.weights)
+    grads, aux = loss_grad_gradient(state, task_losses, grad_norms)
     return update(state, grads, aux=aux), aux
 
 

@@ -41,29 +41,22 @@ def update(state: GradNormState, grads: Tensor, *, aux: GradNormAux | None = Non
     count = state.update_count + 1
     t = count.to(dtype)
     lr = hyper.lr * torch.clamp(t / torch.clamp(hyper.warmup_steps, min=1.0), max=1.0)
-    exp_avg = torch.where(
-        hyper.use_adam, hyper.beta1 * state.exp_avg + (1 - hyper.beta1) * grads, state.exp_avg
-    )
-    exp_avg_sq = torch.where(
-        hyper.use_adam,
-        hyper.beta2 * state.exp_avg_sq + (1 - hyper.beta2) * grads.square(),
-        state.exp_avg_sq,
-    )
+    exp_avg = torch.lerp(state.exp_avg, grads, 1 - hyper.beta1)
+    exp_avg_sq = torch.lerp(state.exp_avg_sq, grads.square(), 1 - hyper.beta2)
     adam_direction = (exp_avg / (1 - hyper.beta1.pow(t))) / (
         (exp_avg_sq / (1 - hyper.beta2.pow(t))).sqrt() + hyper.eps
     )
     direction = torch.where(hyper.use_adam, adam_direction, grads)
-    weights = torch.clamp(state.weights - lr * direction, min=hyper.min_weight)
+    weights = torch.clamp(state.weights.detach() - lr * direction, min=hyper.min_weight)
     weights = weights * (num_tasks / weights.sum())
-
-    def keep_if_finite(new: Tensor, old: Tensor) -> Tensor:
-        return torch.where(finite, new, old).detach()
+    # Under SGD, and on a skipped step, the moments stay as they were.
+    keep_moments = finite & hyper.use_adam
 
     initial = state.initial_losses if aux is None else aux.initial_losses
     return state._replace(
-        weights=keep_if_finite(weights, state.weights),
-        initial_losses=keep_if_finite(initial, state.initial_losses),
-        update_count=keep_if_finite(count, state.update_count),
-        exp_avg=keep_if_finite(exp_avg, state.exp_avg),
-        exp_avg_sq=keep_if_finite(exp_avg_sq, state.exp_avg_sq),
+        weights=torch.where(finite, weights, state.weights).detach(),
+        initial_losses=torch.where(finite, initial, state.initial_losses).detach(),
+        update_count=torch.where(finite, count, state.update_count),
+        exp_avg=torch.where(keep_moments, exp_avg, state.exp_avg).detach(),
+        exp_avg_sq=torch.where(keep_moments, exp_avg_sq, state.exp_avg_sq).detach(),
     )

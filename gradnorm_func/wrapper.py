@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -15,6 +15,7 @@ from gradnorm_func.distributed import (
     check_unsharded,
     sync_group,
 )
+from gradnorm_func.capture import TaskFork
 from gradnorm_func.norms import check_task_losses, per_task_norms
 from gradnorm_func.objective import GradNormAux, gradnorm_loss_from_norms
 from gradnorm_func.state import GradNormState, Optimizer, init_state, state_from_dict, state_to, state_to_dict
@@ -56,8 +57,23 @@ class GradNorm:
     * the seed's flow: ``loss.backward(retain_graph=True)``, then
       ``gn.apply_grads(gn.gradnorm(L_i))``, then ``optimizer.step()``.
 
+    * fastest, GradNorm after the backward::
+
+          loss = (gn.w_i * L_i).sum()   # exactly this loss: its cotangents are divided by w_i
+          loss.backward()
+          gn.step(L_i)
+          optimizer.step()
+
     The weights are replaced, never modified in place, so a pending backward that holds the
     old ``w_i`` is unaffected.
+
+    **Fast path.** Give each task head its own view of the shared representation z, either
+    with ``heads=model.heads`` (separate head modules, each called with z as its first
+    argument) or by feeding the heads ``z_t = gn.fork(z)`` in the model's forward (stacked
+    heads, or ``z_t.unbind(0)``). GradNorm then takes grad_W L_i from the per-task cotangents
+    at the fork: during the caller's backward when it runs first, otherwise from one backward
+    through the heads only. Its cost no longer grows as T^2 (see :mod:`gradnorm_func.capture`).
+    Without a fork, ``per_task_grads`` falls back to one batched backward of all tasks.
 
     Args:
         layer: the shared parameters W: an ``nn.Module`` (all its trainable parameters, bias
@@ -82,6 +98,9 @@ class GradNorm:
             batches differ in size (e.g. an uneven last batch); None weights them equally,
             as DDP does for the model's gradients. It is an attribute: set
             ``gn.local_batch_size = len(x)`` before a step whose batch size changes.
+        heads: one module per task, each receiving the fork z (the shared representation
+            that ``layer`` feeds, possibly through a non-linearity) as its first argument.
+            Forward-pre-hooks hand each head its own view of z, enabling the fast path.
         **options: further keyword arguments of :func:`init_state` (``initial_losses``,
             ``min_weight``, ``betas``, ``eps``, ``dtype``).
     """
@@ -90,7 +109,7 @@ class GradNorm:
                  lr_warmup: int = 0, device: torch.device | str | None = None, *,
                  optimizer: Optimizer = "sgd", process_group: dist.ProcessGroup | None = None,
                  sync: bool | None = None, local_batch_size: BatchSize = None,
-                 **options: Any) -> None:
+                 heads: Sequence[nn.Module] | None = None, **options: Any) -> None:
         if sync is False and process_group is not None:
             raise ValueError("process_group was given with sync=False: pass one or the other")
         self.named_params = named_shared_params(layer)
@@ -107,6 +126,9 @@ class GradNorm:
         self.sync = sync
         self.local_batch_size = local_batch_size
         self._checked_groups: set[dist.ProcessGroup] = set()  # groups that agreed on T, numel(W)
+        self._fork = TaskFork([p for _, p in self.named_params], number_of_tasks)
+        if heads is not None:
+            self._fork.attach(heads)
 
     @property
     def w_i(self) -> Tensor:
@@ -123,13 +145,28 @@ class GradNorm:
     def number_of_tasks(self) -> int:
         return int(self.state.weights.shape[0])
 
+    def fork(self, z: Tensor) -> Tensor:
+        """z expanded to [T, *z.shape] (a view), for the heads: slice i must feed task i only.
+
+        Call it in the model's forward where the shared representation z forks into the
+        heads, e.g. ``out = torch.vmap(head)(z_t)`` for stacked heads or
+        ``[head(v) for head, v in zip(heads, z_t.unbind(0))]``. This enables the fast path.
+        """
+        return self._fork.expand(z)
+
     def per_task_grads(self, L_i: Tensor) -> list[Tensor]:
-        """grad_W L_i for every task, stacked on a leading task axis, in one batched backward
-        (``is_grads_batched``). The graph is retained, so the caller's ``backward`` still works.
+        """grad_W L_i for every task, stacked on a leading task axis.
+
+        From the fork of the last forward when there is one (see :meth:`fork`), otherwise
+        from one batched backward of all tasks (``is_grads_batched``). The graph is
+        retained, so the caller's ``backward`` still works.
         """
         check_task_losses(L_i, self.number_of_tasks)
         if not L_i.requires_grad:
             raise ValueError("L_i has no autograd graph: compute it from the model's outputs")
+        forked = self._fork.per_task_grads(L_i, self.state.weights)
+        if forked is not None:
+            return forked
         params = [p for _, p in self.named_params]
         one_hot = torch.eye(self.number_of_tasks, dtype=L_i.dtype, device=L_i.device)
         grads = torch.autograd.grad(L_i, params, grad_outputs=one_hot, is_grads_batched=True,
