@@ -22,8 +22,8 @@ from gradnorm_func.repro.report import figure, summarise, verdict_lines, write_o
 from gradnorm_func.repro.toy import INPUT_LAWS, SCALE_READINGS, draw_sigmas, make_data
 from gradnorm_func.repro.verdicts import all_claims
 
-QUICK = {"seeds": 5, "steps": 500}
-FULL = {"seeds": 8, "steps": 4000}
+QUICK = {"seeds": 5, "steps": 300}
+FULL = {"seeds": 5, "steps": 2000}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

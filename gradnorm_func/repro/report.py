@@ -102,7 +102,7 @@ def figure(runs: dict[Method, list[RunRecord]], sigmas: Tensor, title: str, path
         for rank, i in enumerate(order):
             color = cmap(rank / max(1, len(order) - 1))
             _band(ax, steps, weights[:, :, i], color, f"σ={float(sigmas[i]):.3g}")
-        ax.set_title(f"{method}: w_i(t)")
+        ax.set_title(f"{method}: w_i(t) (dark = small σ_i)")
         ax.set_xlabel("step")
         if method == "uncertainty":
             ax.set_yscale("log")
