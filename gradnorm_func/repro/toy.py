@@ -1,0 +1,144 @@
+"""The toy regression tasks and model of Chen et al. (2018), Section 4 (arXiv:1711.02257).
+
+Task i maps x in R^250 to R^100 as
+
+    f_i(x) = sigma_i * tanh((B + eps_i) x),
+
+with B and eps_i matrices of i.i.d. N(0, 10) and N(0, 3.5) entries, drawn once and kept
+constant. The model is a trunk of four fully connected ReLU layers of 100 units followed by
+one affine head per task, trained with the squared loss. The fourth trunk layer is the last
+shared layer, GradNorm's W.
+
+The paper leaves the law of x and the meaning of the second argument of N(., .) unstated;
+both are options here (``input_law``, ``scale_reading``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+INPUT_DIM = 250
+OUTPUT_DIM = 100
+HIDDEN = 100
+TRUNK_DEPTH = 4
+B_SCALE = 10.0  # B ~ N(0, 10)
+EPS_SCALE = 3.5  # eps_i ~ N(0, 3.5)
+SATURATION_THRESHOLD = 2.0  # |z| > 2 means tanh'(z) < 0.071
+
+InputLaw = Literal["normal", "uniform", "scaled-normal"]
+ScaleReading = Literal["variance", "std"]
+INPUT_LAWS: tuple[InputLaw, ...] = ("normal", "uniform", "scaled-normal")
+SCALE_READINGS: tuple[ScaleReading, ...] = ("variance", "std")
+SHARED = ("trunk.3.weight", "trunk.3.bias")  # GradNorm's W: the last shared layer
+
+
+class ToyData(NamedTuple):
+    """One draw of the tasks and of the train and test sets."""
+
+    x_train: Tensor  # [N, 250] float32
+    y_train: Tensor  # [N, T, 100] float32: y[n, i] = f_i(x[n])
+    x_test: Tensor  # [M, 250] float32
+    y_test: Tensor  # [M, T, 100] float32
+    saturation: Tensor  # [] float: share of test pre-activations with |(B + eps_i) x| > 2
+
+
+def draw_sigmas(num_tasks: int, *, scale: float, seed: int) -> Tensor:
+    """Task scales sigma_i = |z_i| with z_i ~ N(0, scale^2), the "wide normal" of Section 4."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(num_tasks, generator=gen).abs() * scale
+
+
+def sample_inputs(n: int, *, law: InputLaw, generator: torch.Generator) -> Tensor:
+    """n inputs x in R^250: ``normal`` N(0, I), ``uniform`` U(-1, 1)^250 or
+    ``scaled-normal`` N(0, I / 250) (so that ||x|| is about 1)."""
+    if law == "uniform":
+        return torch.rand(n, INPUT_DIM, generator=generator) * 2 - 1
+    x = torch.randn(n, INPUT_DIM, generator=generator)
+    if law == "scaled-normal":
+        return x / math.sqrt(INPUT_DIM)
+    if law == "normal":
+        return x
+    raise ValueError(f"input_law must be one of {INPUT_LAWS}, got {law!r}")
+
+
+def make_data(sigmas: Tensor, *, seed: int, n_train: int, n_test: int,
+              input_law: InputLaw = "normal", scale_reading: ScaleReading = "variance") -> ToyData:
+    """Draws B, eps_i, the inputs and the targets f_i(x) from one seeded generator.
+
+    Args:
+        sigmas: Tensor[T] of task scales sigma_i.
+        seed: the data seed; the same for every method compared.
+        n_train: training set size.
+        n_test: test set size.
+        input_law: law of x (unstated in the paper); see :func:`sample_inputs`.
+        scale_reading: whether N(0, 10) has variance 10 (``"variance"``, the usual
+            N(mu, sigma^2) notation) or standard deviation 10 (``"std"``).
+    """
+    if scale_reading not in SCALE_READINGS:
+        raise ValueError(f"scale_reading must be one of {SCALE_READINGS}, got {scale_reading!r}")
+    gen = torch.Generator().manual_seed(seed)
+
+    def std(scale: float) -> float:
+        return math.sqrt(scale) if scale_reading == "variance" else scale
+
+    base = torch.randn(OUTPUT_DIM, INPUT_DIM, generator=gen) * std(B_SCALE)
+    maps = base + torch.randn(len(sigmas), OUTPUT_DIM, INPUT_DIM, generator=gen) * std(EPS_SCALE)
+
+    def targets(x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = torch.einsum("tok,nk->nto", maps, x)
+        return sigmas.view(1, -1, 1) * torch.tanh(pre), pre
+
+    x_train = sample_inputs(n_train, law=input_law, generator=gen)
+    x_test = sample_inputs(n_test, law=input_law, generator=gen)
+    y_train, _ = targets(x_train)
+    y_test, pre_test = targets(x_test)
+    saturation = (pre_test.abs() > SATURATION_THRESHOLD).float().mean()
+    return ToyData(x_train, y_train, x_test, y_test, saturation)
+
+
+def init_params(num_tasks: int, *, seed: int) -> dict[str, Tensor]:
+    """PyTorch's default ``nn.Linear`` initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
+    weights and biases, from a seeded generator. The T heads are stacked: ``heads.weight`` is
+    [T, 100, 100] and ``heads.bias`` is [T, 100]."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(*shape: int, fan_in: int) -> Tensor:
+        return (torch.rand(*shape, generator=gen) * 2 - 1) / math.sqrt(fan_in)
+
+    params = {}
+    fan_in = INPUT_DIM
+    for layer in range(TRUNK_DEPTH):
+        params[f"trunk.{layer}.weight"] = uniform(HIDDEN, fan_in, fan_in=fan_in)
+        params[f"trunk.{layer}.bias"] = uniform(HIDDEN, fan_in=fan_in)
+        fan_in = HIDDEN
+    params["heads.weight"] = uniform(num_tasks, OUTPUT_DIM, HIDDEN, fan_in=HIDDEN)
+    params["heads.bias"] = uniform(num_tasks, OUTPUT_DIM, fan_in=HIDDEN)
+    return params
+
+
+def penultimate(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """The trunk's first three ReLU layers: the input of the last shared layer, [N, 100]."""
+    h = x
+    for layer in range(TRUNK_DEPTH - 1):
+        h = torch.relu(h @ params[f"trunk.{layer}.weight"].T + params[f"trunk.{layer}.bias"])
+    return h
+
+
+def losses_from_penultimate(params: dict[str, Tensor], h: Tensor, y: Tensor) -> Tensor:
+    """Per-task squared losses L_i = mean_{n,k} (head_i(relu(W h_n + b))_k - y_{n,i,k})^2.
+
+    Reads ``trunk.3.*`` (the last shared layer) and the stacked heads from ``params``; the
+    T heads run as one einsum. Returns Tensor[T].
+    """
+    z = torch.relu(h @ params["trunk.3.weight"].T + params["trunk.3.bias"])
+    out = torch.einsum("nk,tok->nto", z, params["heads.weight"]) + params["heads.bias"]
+    return (out - y).square().mean((0, 2))
+
+
+def task_losses(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    """Per-task squared losses of the whole model on (x, y); Tensor[T]."""
+    return losses_from_penultimate(params, penultimate(params, x), y)
