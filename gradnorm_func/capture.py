@@ -122,7 +122,8 @@ class TaskFork:
 
     def _grads_per_task(self, record: _Record, cotangents: Tensor | list[Tensor | None]) -> list[Tensor]:
         """One plain vjp of the segment per task; each cotangent is released once used."""
-        pending = list(cotangents.unbind(0)) if isinstance(cotangents, Tensor) else cotangents
+        pending: list[Tensor | None] = (list(cotangents.unbind(0)) if isinstance(cotangents, Tensor)
+                                        else cotangents)
         per_task: list[list[Tensor | None]] = []
         for task in range(self.num_tasks):
             c, pending[task] = pending[task], None
