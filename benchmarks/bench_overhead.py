@@ -1,16 +1,17 @@
 """Cost of a GradNorm training step relative to the same step without GradNorm.
 
-Every ratio is median(step with GradNorm) / median(plain step), timed interleaved (one of
-each per round) on one CPU thread. Memory is the peak of the running sum of the CPU
+Every ratio is the median over rounds of time(step with GradNorm) / time(plain step), timed
+interleaved (one of each per round) on one CPU thread, with its interquartile range. Memory is the peak of the running sum of the CPU
 allocator's allocations and frees recorded by ``torch.profiler(profile_memory=True)`` during
 one step, on top of what was alive before it (parameters and optimiser state).
 
-Run: PYTHONPATH=. python benchmarks/bench_overhead.py [--rounds 30] [--quick] [--no-compile]
+Run: PYTHONPATH=. python benchmarks/bench_overhead.py [--rounds 20] [--quick] [--no-compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import time
@@ -39,9 +40,12 @@ class ToyNet(nn.Module):
         self.trunk = nn.Sequential(*layers[:-2])
         self.shared = nn.Sequential(*layers[-2:])  # last shared layer, then its ReLU
         self.heads = nn.ModuleList(nn.Linear(100, 100) for _ in range(num_tasks))
+        self.fork: Callable[[Tensor], Tensor] | None = None  # gn.fork for the fork(z) flow
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.shared(self.trunk(x))
+        if self.fork is not None:  # heads called without their forward hooks
+            return torch.stack([head.forward(v) for head, v in zip(self.heads, self.fork(z).unbind(0))])
         return torch.stack([head(z) for head in self.heads])  # [T, B, 100]
 
 
@@ -84,7 +88,13 @@ def eager_steps(model: nn.Module, x: Tensor, y, losses_fn) -> dict[str, Step]:
     num_tasks = len(model.heads)
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     weights = torch.ones(num_tasks)
+    # A copy with its own head hooks, made before any hook is attached: two GradNorm must not
+    # share heads.
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=1e-6)
     fast = gf.GradNorm(model.shared, 0.12, num_tasks, heads=model.heads)
+    compiled = gf.GradNorm(twin.shared, 0.12, num_tasks, heads=twin.heads, compile_update=True)
+    forked = gf.GradNorm(model.shared, 0.12, num_tasks)
     general = gf.GradNorm(model.shared, 0.12, num_tasks)
     shared = list(model.shared.parameters())
     naive_state = gf.init_state(num_tasks, alpha=0.12, lr=1e-3, optimizer="sgd")
@@ -94,12 +104,25 @@ def eager_steps(model: nn.Module, x: Tensor, y, losses_fn) -> dict[str, Step]:
         (weights * general_losses(model, x, y, losses_fn)).sum().backward()
         opt.step()
 
-    def fast_after() -> None:  # loss.backward(); gn.step(L_i)
-        opt.zero_grad()
-        L_i = losses_fn(model(x), y)
-        (fast.w_i * L_i).sum().backward()
-        fast.step(L_i)
-        opt.step()
+    def after(gn: gf.GradNorm, net: nn.Module = model, net_opt: torch.optim.Optimizer = opt) -> None:
+        net_opt.zero_grad()  # loss.backward(); gn.step(L_i)
+        L_i = losses_fn(net(x), y)
+        (gn.w_i * L_i).sum().backward()
+        gn.step(L_i)
+        net_opt.step()
+
+    def fast_after() -> None:
+        after(fast)
+
+    def compiled_after() -> None:  # heads=, update through torch.compile
+        after(compiled, twin, twin_opt)
+
+    def fork_after() -> None:  # the model's forward calls gn.fork(z)
+        model.fork = forked.fork
+        try:
+            after(forked)
+        finally:
+            model.fork = None
 
     def fast_before() -> None:  # gn.step(L_i); loss.backward()
         opt.zero_grad()
@@ -129,9 +152,12 @@ def eager_steps(model: nn.Module, x: Tensor, y, losses_fn) -> dict[str, Step]:
         loss.backward()
         opt.step()
 
-    return {"plain": plain, "wrapper, backward then step": fast_after,
-            "wrapper, step then backward": fast_before, "wrapper, no fork (general)": general_path,
-            "naive per-task loop": naive_loop}
+    steps = {"plain": plain, "wrapper, backward then step": fast_after,
+             "wrapper, step then backward": fast_before, "wrapper, no fork (general)": general_path,
+             "naive per-task loop": naive_loop, "wrapper, compiled update": compiled_after}
+    if isinstance(model, ToyNet):
+        steps["wrapper, fork(z)"] = fork_after
+    return steps
 
 
 def general_losses(model: nn.Module, x: Tensor, y, losses_fn) -> Tensor:
@@ -190,8 +216,8 @@ def functional_toy(model: ToyNet, x: Tensor, y: Tensor):
 
 
 # --------------------------------------------------------------------------- measurement
-def interleaved(steps: dict[str, Step], rounds: int) -> dict[str, float]:
-    """Median seconds per step, one of each per round so that drift hits all alike."""
+def interleaved(steps: dict[str, Step], rounds: int) -> dict[str, list[float]]:
+    """Seconds per step in each round, one of each per round so that drift hits all alike."""
     for fn in steps.values():
         for _ in range(3):
             fn()
@@ -201,7 +227,14 @@ def interleaved(steps: dict[str, Step], rounds: int) -> dict[str, float]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def ratio(times: dict[str, list[float]], name: str, base: str) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratio time(name) / time(base)."""
+    per_round = sorted(a / b for a, b in zip(times[name], times[base]))
+    q1, q2, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+    return q2, q1, q3
 
 
 def peak_bytes(fn: Step) -> int:
@@ -218,17 +251,19 @@ def peak_bytes(fn: Step) -> int:
     return peak
 
 
-def row(label: str, times: dict[str, float], base: str, names: list[str], target: float | None):
-    ratios = [times[n] / times[base] for n in names]
-    met = "" if target is None else ("  met" if max(ratios[:2]) <= target else "  NOT met")
-    cells = "  ".join(f"{r:7.2f}x" for r in ratios)
+def row(label: str, times: dict[str, list[float]], base: str, names: list[str],
+        target: float | None):
+    """Median per-round ratio of each step to ``base``, with its interquartile range."""
+    ratios = [ratio(times, n, base) for n in names if n in times]
+    met = "" if target is None else ("  met" if ratios[0][0] <= target else "  NOT met")
+    cells = "  ".join(f"{m:5.2f}x [{lo:4.2f}-{hi:4.2f}]" for m, lo, hi in ratios)
     goal = "" if target is None else f"  (target <= {target:.2f}x)"
-    print(f"{label:<22} {times[base] * 1e3:8.2f} ms  {cells}{goal}{met}")
+    print(f"{label:<20} {statistics.median(times[base]) * 1e3:7.2f} ms  {cells}{goal}{met}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="T in (2, 10) only, fewer rounds")
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
@@ -240,11 +275,11 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, medians of {rounds} "
           "interleaved rounds; ratio = step with GradNorm / plain step\n")
-    names = ["wrapper, backward then step", "wrapper, step then backward",
-             "wrapper, no fork (general)", "naive per-task loop"]
-    print("Paper toy model, batch 100 (eager wrapper; heads=model.heads)")
-    print(f"{'':<22} {'plain':>11}  " + "  ".join(f"{n[:8]:>8}" for n in
-                                                 ("bwd+step", "step+bwd", "general", "naive")))
+    names = ["wrapper, backward then step", "wrapper, compiled update", "wrapper, fork(z)",
+             "wrapper, step then backward", "wrapper, no fork (general)", "naive per-task loop"]
+    print("Paper toy model, batch 100, eager wrapper; median ratio [interquartile range]")
+    print(f"{'':<20} {'plain':>10}  " + "  ".join(f"{n:<18}" for n in (
+        "bwd+step heads=", "+compile_update", "bwd+step fork(z)", "step+bwd", "general", "naive")))
     for batch in (100,) if args.quick else (100, 25, 400):
         for num_tasks in tasks if batch == 100 else (2, 10, 50):
             model = ToyNet(num_tasks)
@@ -255,7 +290,7 @@ def main() -> None:
                 targets.get(num_tasks) if batch == 100 else None)
 
     print("\nPaper toy model, batch 100, functional path (stacked heads, vmap; fork + fork_norms)")
-    print(f"{'':<22} {'plain':>11}  {'gradnorm':>8}")
+    print(f"{'':<20} {'plain':>10}  gradnorm")
     for num_tasks in tasks:
         model = ToyNet(num_tasks)
         x, y = torch.randn(100, 250), torch.randn(num_tasks, 100, 100)
@@ -269,10 +304,7 @@ def main() -> None:
             times.update(interleaved({"compiled plain": lambda: c_plain(params, weights),
                                       "compiled gradnorm": lambda: c_gradnorm(params, state, probe)},
                                      rounds))
-            print(f"{'  compiled':<22} gradnorm {times['compiled gradnorm'] * 1e3:.2f} ms: "
-                  f"{times['compiled gradnorm'] / times['plain']:.2f}x eager plain, "
-                  f"{times['compiled gradnorm'] / times['compiled plain']:.2f}x compiled plain "
-                  f"({times['compiled plain'] * 1e3:.2f} ms)")
+            row("  compiled", times, "compiled plain", ["compiled gradnorm"], targets.get(num_tasks))
 
     print("\nNYUv2-shaped conv model, 64x64 inputs, batch 8, T=3 (eager wrapper; heads=model.heads)")
     model = ConvNet()
@@ -289,7 +321,7 @@ def main() -> None:
                          ("conv T=3 batch=8", conv_steps)):
         peaks = {name: peak_bytes(fn) for name, fn in steps.items()}
         cells = "  ".join(f"{n.split(',')[0] if n.startswith('naive') else n}: "
-                          f"{peaks[n] / peaks['plain']:.2f}x" for n in names[:1] + names[2:])
+                          f"{peaks[n] / peaks['plain']:.2f}x" for n in names if n in peaks)
         print(f"{label:<22} plain {peaks['plain'] / 2 ** 20:.1f} MiB; {cells} (target <= 1.30x)")
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 
 _CHUNK_ELEMENTS = 1 << 18  # cotangent elements per batched vjp of the segment
+_LOOP_TASKS = 4  # up to this many tasks, a vjp per task beats one batched vjp (measured)
 
 
 class _Record:
@@ -89,32 +90,47 @@ class TaskFork:
         # Cleared first: the vjp below runs z's node again, and with it this hook.
         cotangents, record.cotangents = record.cotangents, [None] * self.num_tasks
         if record is self._record and any(c is not None for c in cotangents):
-            record.grads = self._segment_grads(record, self._stack(cotangents))
+            record.grads = self._segment_grads(record, cotangents)
 
     def _on_stacked(self, record: _Record, grad: Tensor) -> None:
         if record is self._record:
             record.grads = self._segment_grads(record, grad)
 
-    def _stack(self, cotangents: Sequence[Tensor | None]) -> Tensor:
+    def _segment_grads(self, record: _Record, cotangents: Tensor | list[Tensor | None]) -> list[Tensor]:
+        """The segment's vjp at W for each of the T cotangents at z (stacked, or one per task).
+
+        Up to ``_LOOP_TASKS`` tasks, or when one task's cotangent alone fills a chunk of
+        ``_CHUNK_ELEMENTS`` elements, one plain vjp per task: no stacked copy of the
+        cotangents, no batching overhead, and a task whose loss skips the fork costs nothing.
+        Otherwise one batched vjp (``is_grads_batched``) per chunk of tasks, so that the
+        backward never holds many copies of a large activation.
+        """
         present = next((c for c in cotangents if c is not None), None)
         if present is None:
             raise ValueError("the task losses do not depend on the fork of the heads")
-        return torch.stack([torch.zeros_like(present) if c is None else c for c in cotangents])
-
-    def _segment_grads(self, record: _Record, cotangents: Tensor) -> list[Tensor]:
-        """The segment's vjp at W for each of the T cotangents at z, batched over tasks.
-
-        Tasks go in chunks of at most ``_CHUNK_ELEMENTS`` cotangent elements (at least one
-        task), so that the batched backward never holds many copies of a large activation.
-        """
-        per_task = max(1, cotangents[0].numel())
-        chunk = max(1, _CHUNK_ELEMENTS // per_task)
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, present.numel()))
+        if chunk == 1 or self.num_tasks <= _LOOP_TASKS:
+            return self._grads_per_task(record, cotangents)
+        stacked = cotangents if isinstance(cotangents, Tensor) else torch.stack(
+            [torch.zeros_like(present) if c is None else c for c in cotangents])
         parts = [torch.autograd.grad(record.source, self.params, grad_outputs=c,
                                      is_grads_batched=True, retain_graph=True, allow_unused=True)
-                 for c in torch.split(cotangents, chunk)]
+                 for c in torch.split(stacked, chunk)]
         return [torch.zeros((self.num_tasks, *p.shape), dtype=p.dtype, device=p.device)
                 if grads[0] is None else torch.cat(grads) if len(grads) > 1 else grads[0]
                 for p, *grads in zip(self.params, *parts)]
+
+    def _grads_per_task(self, record: _Record, cotangents: Tensor | list[Tensor | None]) -> list[Tensor]:
+        """One plain vjp of the segment per task; each cotangent is released once used."""
+        pending: list[Tensor | None] = (list(cotangents.unbind(0)) if isinstance(cotangents, Tensor)
+                                        else cotangents)
+        per_task: list[list[Tensor | None]] = []
+        for task in range(self.num_tasks):
+            c, pending[task] = pending[task], None
+            per_task.append([None] * len(self.params) if c is None else list(torch.autograd.grad(
+                record.source, self.params, grad_outputs=c, retain_graph=True, allow_unused=True)))
+        return [torch.stack([torch.zeros_like(p) if g is None else g for g in grads])
+                for p, grads in zip(self.params, zip(*per_task))]
 
     def per_task_grads(self, L_i: Tensor, weights: Tensor) -> list[Tensor] | None:
         """grad_W L_i stacked on a task axis, from the last forward's fork; None without a fork.
@@ -134,7 +150,5 @@ class TaskFork:
         found = iter(torch.autograd.grad(L_i, used, grad_outputs=torch.ones_like(L_i),
                                          retain_graph=True, allow_unused=True))
         cotangents = [None if v is None else next(found) for v in views]
-        stacked = self._stack(cotangents) if record.stacked is None else cotangents[0]
-        if stacked is None:
-            raise ValueError("the task losses do not depend on the fork of the heads")
-        return self._segment_grads(record, stacked)
+        stacked = cotangents[0] if record.stacked is not None else None
+        return self._segment_grads(record, cotangents if stacked is None else stacked)

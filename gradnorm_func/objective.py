@@ -49,7 +49,7 @@ def gradnorm_loss_from_norms(
         ``(loss_grad, aux)``; ``loss_grad`` is differentiable with respect to
         ``state.weights`` and nothing else.
     """
-    aux = _statistics(state, task_losses, grad_norms)
+    aux, _ = _statistics(state, task_losses, grad_norms)
     loss_grad = (state.weights * aux.grad_norms - aux.targets).abs().sum()
     return loss_grad, aux
 
@@ -62,12 +62,13 @@ def loss_grad_gradient(state: GradNormState, task_losses: Tensor,
     where n_i = ||grad_W L_i||_2 (Chen et al. 2018, Eq. 2). This is the value autograd gives
     for ``gradnorm_loss_from_norms``, bit for bit, at a fraction of the cost of ``torch.func.grad``.
     """
-    aux = _statistics(state, task_losses, grad_norms)
-    return (aux.weighted_norms - aux.targets).sign() * aux.grad_norms, aux
+    aux, difference = _statistics(state, task_losses, grad_norms)
+    return difference.sign() * aux.grad_norms, aux
 
 
-def _statistics(state: GradNormState, task_losses: Tensor, grad_norms: Tensor) -> GradNormAux:
-    """G_i, the targets, the ratios and L_grad, all detached."""
+def _statistics(state: GradNormState, task_losses: Tensor,
+                grad_norms: Tensor) -> tuple[GradNormAux, Tensor]:
+    """G_i, the targets, the ratios and L_grad, all detached, and G_i - target_i."""
     num_tasks = state.weights.shape[0]
     check_task_losses(task_losses, num_tasks)
     check_task_losses(grad_norms, num_tasks)
@@ -79,17 +80,18 @@ def _statistics(state: GradNormState, task_losses: Tensor, grad_norms: Tensor) -
     inverse_rates = losses / initial
     ratios = inverse_rates / inverse_rates.mean()
     targets = weighted.mean() * ratios.pow(state.hyper.alpha)
-    finite = torch.isfinite(losses).all() & torch.isfinite(norms).all()
+    finite = torch.isfinite(torch.stack((losses, norms))).all()
+    difference = weighted - targets
     return GradNormAux(
         losses=losses,
         grad_norms=norms,
         weighted_norms=weighted,
         targets=targets,
         loss_ratios=ratios,
-        loss_grad=(weighted - targets).abs().sum(),
+        loss_grad=difference.abs().sum(),
         initial_losses=initial,
         finite=finite,
-    )
+    ), difference
 
 
 def gradnorm_loss(
