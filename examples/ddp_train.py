@@ -104,6 +104,7 @@ def main() -> None:
     difference = max((w - gathered[0]).abs().max().item() for w in gathered)
     if rank == 0:
         print(f"max weight difference across ranks: {difference:g}")
+    dist.barrier()  # every rank is done with the group before any rank tears it down
     dist.destroy_process_group()
 
 

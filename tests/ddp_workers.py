@@ -138,5 +138,6 @@ def worker(rank: int, world: int, port: int, out: str, compile: bool) -> None:
         if compile:
             results["compiled"] = functional_run(rank, world, compile=True, group=dist.group.WORLD)
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
