@@ -11,7 +11,6 @@ Run: PYTHONPATH=. python benchmarks/bench_overhead.py [--rounds 20] [--quick] [-
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import statistics
 import time
@@ -88,12 +87,7 @@ def eager_steps(model: nn.Module, x: Tensor, y, losses_fn) -> dict[str, Step]:
     num_tasks = len(model.heads)
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     weights = torch.ones(num_tasks)
-    # A copy with its own head hooks, made before any hook is attached: two GradNorm must not
-    # share heads.
-    twin = copy.deepcopy(model)
-    twin_opt = torch.optim.SGD(twin.parameters(), lr=1e-6)
     fast = gf.GradNorm(model.shared, 0.12, num_tasks, heads=model.heads)
-    compiled = gf.GradNorm(twin.shared, 0.12, num_tasks, heads=twin.heads, compile_update=True)
     forked = gf.GradNorm(model.shared, 0.12, num_tasks)
     general = gf.GradNorm(model.shared, 0.12, num_tasks)
     shared = list(model.shared.parameters())
@@ -104,18 +98,15 @@ def eager_steps(model: nn.Module, x: Tensor, y, losses_fn) -> dict[str, Step]:
         (weights * general_losses(model, x, y, losses_fn)).sum().backward()
         opt.step()
 
-    def after(gn: gf.GradNorm, net: nn.Module = model, net_opt: torch.optim.Optimizer = opt) -> None:
-        net_opt.zero_grad()  # loss.backward(); gn.step(L_i)
-        L_i = losses_fn(net(x), y)
+    def after(gn: gf.GradNorm) -> None:
+        opt.zero_grad()  # loss.backward(); gn.step(L_i)
+        L_i = losses_fn(model(x), y)
         (gn.w_i * L_i).sum().backward()
         gn.step(L_i)
-        net_opt.step()
+        opt.step()
 
     def fast_after() -> None:
         after(fast)
-
-    def compiled_after() -> None:  # heads=, update through torch.compile
-        after(compiled, twin, twin_opt)
 
     def fork_after() -> None:  # the model's forward calls gn.fork(z)
         model.fork = forked.fork
@@ -154,7 +145,7 @@ def eager_steps(model: nn.Module, x: Tensor, y, losses_fn) -> dict[str, Step]:
 
     steps = {"plain": plain, "wrapper, backward then step": fast_after,
              "wrapper, step then backward": fast_before, "wrapper, no fork (general)": general_path,
-             "naive per-task loop": naive_loop, "wrapper, compiled update": compiled_after}
+             "naive per-task loop": naive_loop}
     if isinstance(model, ToyNet):
         steps["wrapper, fork(z)"] = fork_after
     return steps
@@ -275,11 +266,11 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, medians of {rounds} "
           "interleaved rounds; ratio = step with GradNorm / plain step\n")
-    names = ["wrapper, backward then step", "wrapper, compiled update", "wrapper, fork(z)",
+    names = ["wrapper, backward then step", "wrapper, fork(z)",
              "wrapper, step then backward", "wrapper, no fork (general)", "naive per-task loop"]
     print("Paper toy model, batch 100, eager wrapper; median ratio [interquartile range]")
     print(f"{'':<20} {'plain':>10}  " + "  ".join(f"{n:<18}" for n in (
-        "bwd+step heads=", "+compile_update", "bwd+step fork(z)", "step+bwd", "general", "naive")))
+        "bwd+step heads=", "bwd+step fork(z)", "step+bwd", "general", "naive")))
     for batch in (100,) if args.quick else (100, 25, 400):
         for num_tasks in tasks if batch == 100 else (2, 10, 50):
             model = ToyNet(num_tasks)

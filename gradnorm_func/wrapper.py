@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Iterable, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -39,12 +38,6 @@ def named_shared_params(layer: SharedLayer) -> list[tuple[str, Tensor]]:
     if not named:
         raise ValueError(f"the shared layer {type(layer).__name__} has no parameter that requires grad")
     return named
-
-
-@functools.cache
-def _compiled_step_from_norms() -> Callable[..., tuple[GradNormState, GradNormAux]]:
-    """One ``torch.compile`` of :func:`step_from_norms` shared by every ``GradNorm``."""
-    return torch.compile(step_from_norms)
 
 
 class GradNorm:
@@ -108,10 +101,6 @@ class GradNorm:
         heads: one module per task, each receiving the fork z (the shared representation
             that ``layer`` feeds, possibly through a non-linearity) as its first argument.
             Forward-pre-hooks hand each head its own view of z, enabling the fast path.
-        compile_update: run the weight update (:func:`step_from_norms`, about 60 tiny
-            tensor operations) through ``torch.compile`` (about 40 us instead of 130 us per
-            step on a CPU, at T=2 to 50). The first step pays a one-off compile of several
-            seconds, and one more when T or the device changes. Off by default.
         **options: further keyword arguments of :func:`init_state` (``initial_losses``,
             ``min_weight``, ``betas``, ``eps``, ``dtype``).
     """
@@ -120,7 +109,7 @@ class GradNorm:
                  lr_warmup: int = 0, device: torch.device | str | None = None, *,
                  optimizer: Optimizer = "sgd", process_group: dist.ProcessGroup | None = None,
                  sync: bool | None = None, local_batch_size: BatchSize = None,
-                 heads: Sequence[nn.Module] | None = None, compile_update: bool = False,
+                 heads: Sequence[nn.Module] | None = None,
                  **options: Any) -> None:
         if sync is False and process_group is not None:
             raise ValueError("process_group was given with sync=False: pass one or the other")
@@ -141,7 +130,6 @@ class GradNorm:
         self._fork = TaskFork([p for _, p in self.named_params], number_of_tasks)
         if heads is not None:
             self._fork.attach(heads)
-        self._step_from_norms = _compiled_step_from_norms() if compile_update else step_from_norms
 
     @property
     def w_i(self) -> Tensor:
@@ -214,7 +202,7 @@ class GradNorm:
         the network with w(t). Non-finite losses or norms skip the update (``self.aux.finite``).
         """
         self._follow_layer()
-        self.state, self.aux = self._step_from_norms(self.state, *self.task_norms(L_i))
+        self.state, self.aux = step_from_norms(self.state, *self.task_norms(L_i))
         self._pending = None
         return self.w_i
 

@@ -193,26 +193,6 @@ def test_tasks_in_chunks_give_the_same_weights(monkeypatch):
     torch.testing.assert_close(chunked, expected, rtol=1e-9, atol=1e-12)
 
 
-def test_compiled_update_gives_the_eager_weights():
-    """``compile_update=True`` runs the same update through torch.compile."""
-    torch._dynamo.reset()
-    runs = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = MultiTaskNet(T)
-        x, y = task_data(T)
-        gn = gf.GradNorm(model.shared, 0.12, T, lr=0.05, optimizer="adam", heads=model.heads,
-                         compile_update=compiled)
-        for _ in range(4):
-            L_i = task_losses(model, x, y)
-            (gn.w_i * L_i).sum().backward()
-            gn.step(L_i)
-        runs.append(gn.state)
-    for eager, compiled_state in zip(*runs):
-        torch.testing.assert_close(compiled_state, eager, rtol=1e-5, atol=1e-6, equal_nan=True)
-    assert int(runs[1].update_count) == 4
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_one_vjp_per_task_and_batched_vjp_agree(name, monkeypatch):
     """The per-task loop (small T) and the batched vjp (larger T) give the same weights."""
