@@ -44,7 +44,7 @@ class GradNorm:
     """Holds a :class:`GradNormState` and delegates every computation to the functional core.
 
     The framework keeps ``.backward()``: GradNorm differentiates the task losses with
-    ``torch.autograd.grad`` (retaining the graph itself) and never touches ``.grad``. Two
+    ``torch.autograd.grad`` (retaining the graph itself) and never touches ``.grad``. These
     flows give the same weights:
 
     * recommended, no ``retain_graph`` in user code::
@@ -57,12 +57,16 @@ class GradNorm:
     * the seed's flow: ``loss.backward(retain_graph=True)``, then
       ``gn.apply_grads(gn.gradnorm(L_i))``, then ``optimizer.step()``.
 
-    * fastest, GradNorm after the backward::
+    * fastest, GradNorm after the backward (needs a fork, see below)::
 
           loss = (gn.w_i * L_i).sum()   # exactly this loss: its cotangents are divided by w_i
           loss.backward()
           gn.step(L_i)
           optimizer.step()
+
+      The captured cotangents must come from the backward of exactly sum_i w_i L_i: a loss
+      scaled by a ``GradScaler`` or carrying extra terms through the heads would change the
+      norms. Use the recommended flow there.
 
     The weights are replaced, never modified in place, so a pending backward that holds the
     old ``w_i`` is unaffected.
