@@ -50,3 +50,53 @@ def test_compiled_train_step_equals_eager():
     faster = eager_state._replace(hyper=eager_state.hyper._replace(lr=torch.tensor(0.5)))
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled(faster, compiled_params, x, y)
+
+
+def test_compiled_fork_fast_path_equals_eager_and_general_path():
+    """The functional fast path (fork, fork_norms, step_from_norms) compiles with fullgraph."""
+    torch._dynamo.reset()
+    num_tasks, hidden = 3, 16
+    trunk, shared_layer = nn.Linear(5, hidden), nn.Linear(hidden, hidden)
+    params = {"trunk": {k: v.detach() for k, v in trunk.named_parameters()},
+              "shared": {k: v.detach() for k, v in shared_layer.named_parameters()},
+              "heads": torch.randn(num_tasks, hidden) * 0.3}
+    x = torch.randn(32, 5)
+    y = torch.randn(32, num_tasks) * torch.tensor([1.0, 10.0, 100.0])
+
+    def segment(p, h):
+        return torch.relu(torch.func.functional_call(shared_layer, p, (h,)))
+
+    def task_losses(p, z_t):  # z_t: [T, B, hidden], head i reads z_t[i] only
+        out = torch.einsum("tbh,th->bt", z_t, p["heads"])
+        return ((out - y) ** 2).mean(0)
+
+    def train_step(state, params, probe):
+        def weighted(p, probe):
+            h = torch.relu(torch.func.functional_call(trunk, p["trunk"], (x,)))
+            L_i = task_losses(p, gf.fork(segment(p["shared"], h), probe))
+            return (state.weights * L_i).sum(), (L_i, h)
+
+        (grads, fork_grads), (L_i, h) = torch.func.grad(weighted, argnums=(0, 1), has_aux=True)(
+            params, probe)
+        norms = gf.fork_norms(segment, params["shared"], h, fork_grads, state.weights)
+        new_state, aux = gf.step_from_norms(state, L_i, norms)
+        new_params = optree.tree_map(lambda v, g: v - 1e-4 * g, params, grads)
+        return new_state, new_params, aux
+
+    probe = gf.fork_probe(num_tasks, (32, hidden))
+    compiled = torch.compile(train_step, fullgraph=True)
+    eager_state = compiled_state = gf.init_state(num_tasks, alpha=0.12, lr=0.05)
+    eager_params = compiled_params = params
+    for _ in range(4):
+        h = torch.relu(torch.func.functional_call(trunk, eager_params["trunk"], (x,)))
+        _, general_norms = gf.task_gradient_norms(
+            eager_params["shared"],
+            lambda w: task_losses(eager_params, segment(w, h).expand(num_tasks, -1, -1)),
+            num_tasks=num_tasks)
+        eager_state, eager_params, eager_aux = train_step(eager_state, eager_params, probe)
+        compiled_state, compiled_params, _ = compiled(compiled_state, compiled_params, probe)
+        torch.testing.assert_close(eager_aux.grad_norms, general_norms, rtol=1e-5, atol=1e-6)
+    close = dict(rtol=1e-5, atol=1e-6, equal_nan=True)
+    optree.tree_map(lambda a, b: torch.testing.assert_close(a, b, **close), compiled_state, eager_state)
+    optree.tree_map(lambda a, b: torch.testing.assert_close(a, b, **close), compiled_params, eager_params)
+    assert not torch.allclose(eager_state.weights, torch.ones(num_tasks))
