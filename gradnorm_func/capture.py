@@ -32,7 +32,7 @@ class _Record:
         self.stacked: Tensor | None = None  # z_t of shape [T, *z.shape] (``expand``)
         self.views: list[Tensor | None] = [None] * num_tasks  # what head i consumed (``attach``)
         self.cotangents: list[Tensor | None] = [None] * num_tasks  # w_i dL_i/dz
-        self.grads: list[Tensor] | None = None  # grad_W (w_i L_i), each [T, *W.shape]
+        self.grads: list[Tensor | None] | None = None  # grad_W (w_i L_i), each [T, *W.shape]
 
 
 class TaskFork:
@@ -96,14 +96,16 @@ class TaskFork:
         if record is self._record:
             record.grads = self._segment_grads(record, grad)
 
-    def _segment_grads(self, record: _Record, cotangents: Tensor | list[Tensor | None]) -> list[Tensor]:
+    def _segment_grads(self, record: _Record, cotangents: Tensor | list[Tensor | None]
+                       ) -> list[Tensor | None]:
         """The segment's vjp at W for each of the T cotangents at z (stacked, or one per task).
 
         Up to ``_LOOP_TASKS`` tasks, or when one task's cotangent alone fills a chunk of
         ``_CHUNK_ELEMENTS`` elements, one plain vjp per task: no stacked copy of the
         cotangents, no batching overhead, and a task whose loss skips the fork costs nothing.
         Otherwise one batched vjp (``is_grads_batched``) per chunk of tasks, so that the
-        backward never holds many copies of a large activation.
+        backward never holds many copies of a large activation. A parameter that z does not
+        depend on gets None.
         """
         present = next((c for c in cotangents if c is not None), None)
         if present is None:
@@ -116,11 +118,11 @@ class TaskFork:
         parts = [torch.autograd.grad(record.source, self.params, grad_outputs=c,
                                      is_grads_batched=True, retain_graph=True, allow_unused=True)
                  for c in torch.split(stacked, chunk)]
-        return [torch.zeros((self.num_tasks, *p.shape), dtype=p.dtype, device=p.device)
-                if grads[0] is None else torch.cat(grads) if len(grads) > 1 else grads[0]
-                for p, *grads in zip(self.params, *parts)]
+        return [None if grads[0] is None else torch.cat(grads) if len(grads) > 1 else grads[0]
+                for grads in zip(*parts)]
 
-    def _grads_per_task(self, record: _Record, cotangents: Tensor | list[Tensor | None]) -> list[Tensor]:
+    def _grads_per_task(self, record: _Record, cotangents: Tensor | list[Tensor | None]
+                        ) -> list[Tensor | None]:
         """One plain vjp of the segment per task; each cotangent is released once used."""
         pending: list[Tensor | None] = (list(cotangents.unbind(0)) if isinstance(cotangents, Tensor)
                                         else cotangents)
@@ -129,22 +131,24 @@ class TaskFork:
             c, pending[task] = pending[task], None
             per_task.append([None] * len(self.params) if c is None else list(torch.autograd.grad(
                 record.source, self.params, grad_outputs=c, retain_graph=True, allow_unused=True)))
-        return [torch.stack([torch.zeros_like(p) if g is None else g for g in grads])
+        return [None if all(g is None for g in grads)
+                else torch.stack([torch.zeros_like(p) if g is None else g for g in grads])
                 for p, grads in zip(self.params, zip(*per_task))]
 
-    def per_task_grads(self, L_i: Tensor, weights: Tensor) -> list[Tensor] | None:
+    def per_task_grads(self, L_i: Tensor, weights: Tensor) -> list[Tensor | None] | None:
         """grad_W L_i stacked on a task axis, from the last forward's fork; None without a fork.
 
         After the caller's backward of sum_i w_i L_i (``weights`` = the w_i it used), the
         grad_W (w_i L_i) captured by the latest backward through the fork are divided by w_i. Before it, the cotangents come from one
         backward of sum_i L_i through the heads, with the graph retained. The fork is used
-        once: the next call needs a new forward.
+        once: the next call needs a new forward. A parameter that z does not depend on gets None.
         """
         record, self._record = self._record, None
         if record is None:
             return None
         if record.grads is not None:
-            return [g / weights.to(g.dtype).view(-1, *[1] * (g.dim() - 1)) for g in record.grads]
+            return [None if g is None else g / weights.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
+                    for g in record.grads]
         views = [record.stacked] if record.stacked is not None else record.views
         used = [v for v in views if v is not None]
         found = iter(torch.autograd.grad(L_i, used, grad_outputs=torch.ones_like(L_i),

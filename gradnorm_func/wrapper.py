@@ -169,17 +169,17 @@ class GradNorm:
         check_task_losses(L_i, self.number_of_tasks)
         if not L_i.requires_grad:
             raise ValueError("L_i has no autograd graph: compute it from the model's outputs")
-        forked = self._fork.per_task_grads(L_i, self.state.weights)
-        if forked is not None:
-            return forked
-        params = [p for _, p in self.named_params]
-        one_hot = torch.eye(self.number_of_tasks, dtype=L_i.dtype, device=L_i.device)
-        grads = torch.autograd.grad(L_i, params, grad_outputs=one_hot, is_grads_batched=True,
-                                    retain_graph=True, allow_unused=True)
+        grads = self._fork.per_task_grads(L_i, self.state.weights)
+        if grads is None:
+            params = [p for _, p in self.named_params]
+            one_hot = torch.eye(self.number_of_tasks, dtype=L_i.dtype, device=L_i.device)
+            grads = list(torch.autograd.grad(L_i, params, grad_outputs=one_hot,
+                                             is_grads_batched=True, retain_graph=True,
+                                             allow_unused=True))
         unused = [name for (name, _), g in zip(self.named_params, grads) if g is None]
         if unused:
             raise ValueError(f"the task losses do not depend on shared parameter(s) {unused}")
-        return list(grads)
+        return [g for g in grads if g is not None]
 
     def task_norms(self, L_i: Tensor) -> tuple[Tensor, Tensor]:
         """This step's task losses and ||grad_W L_i||_2 for every task, both Tensor[T].

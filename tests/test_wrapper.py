@@ -146,6 +146,13 @@ def test_errors_name_the_problem():
     gn_bad = GradNorm([model.shared.weight, unrelated.weight], 1.5, 3)
     with pytest.raises(ValueError, match=r"layer\[1\]"):
         gn_bad.step(task_losses(model, x, y))
+    gn_fork = GradNorm([model.shared.weight, unrelated.weight], 1.5, 3, heads=model.heads)
+    with pytest.raises(ValueError, match=r"layer\[1\]"):  # fast path, before the backward
+        gn_fork.step(task_losses(model, x, y))
+    L_i = task_losses(model, x, y)
+    (gn_fork.w_i * L_i).sum().backward()
+    with pytest.raises(ValueError, match=r"layer\[1\]"):  # fast path, after the backward
+        gn_fork.step(L_i)
     with pytest.raises(RuntimeError, match="gradnorm"):
         gn.apply_grads(torch.tensor(0.0))
     with pytest.raises(ValueError, match="num_tasks.*0"):
