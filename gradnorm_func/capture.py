@@ -50,10 +50,10 @@ class TaskFork:
 
     def expand(self, z: Tensor) -> Tensor:
         """z_t = z expanded to [T, *z.shape] (a view, no copy); slice i must feed task i only."""
-        if not (torch.is_grad_enabled() and z.requires_grad):
-            return z.expand(self.num_tasks, *z.shape)
-        record = self._start(z)
         z_t = z.expand(self.num_tasks, *z.shape)
+        if not (torch.is_grad_enabled() and z.requires_grad):
+            return z_t
+        record = self._start(z)
         z_t.register_hook(partial(self._on_stacked, record))  # type: ignore[no-untyped-call]
         record.stacked = z_t
         return z_t

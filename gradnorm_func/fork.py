@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from gradnorm_func.norms import Params, per_task_norms
+from gradnorm_func.state import check_num_tasks
 
 Segment = Callable[[Params, Tensor], Tensor]
 
@@ -43,8 +44,7 @@ Segment = Callable[[Params, Tensor], Tensor]
 def fork_probe(num_tasks: int, shape: Sequence[int], *, dtype: torch.dtype = torch.float32,
                device: torch.device | str | None = None) -> Tensor:
     """The zero Tensor[T, *shape] to pass to :func:`fork` and differentiate with respect to."""
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(f"num_tasks must be an integer >= 1, got {num_tasks!r}")
+    check_num_tasks(num_tasks)
     return torch.zeros((num_tasks, *shape), dtype=dtype, device=device)
 
 

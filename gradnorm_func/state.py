@@ -41,8 +41,15 @@ class GradNormState(NamedTuple):
     hyper: GradNormHyperParams
 
 
-def _check_real(name: str, value: float, *, low: float, high: float = math.inf,
-                low_inclusive: bool = True, high_inclusive: bool = False) -> float:
+def check_num_tasks(num_tasks: int) -> None:
+    """Raises ``ValueError`` unless ``num_tasks`` is an integer T >= 1."""
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be an integer >= 1, got {num_tasks!r}")
+
+
+def check_real(name: str, value: float, *, low: float, high: float = math.inf,
+               low_inclusive: bool = True, high_inclusive: bool = False) -> float:
+    """``float(value)``; raises naming ``name`` unless it is a finite real within the bounds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     above = value >= low if low_inclusive else value > low
@@ -90,20 +97,19 @@ def init_state(
     Raises:
         ValueError: naming the bad value.
     """
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(f"num_tasks must be an integer >= 1, got {num_tasks!r}")
-    alpha = _check_real("alpha", alpha, low=0.0)
-    lr = _check_real("lr", lr, low=0.0, low_inclusive=False)
+    check_num_tasks(num_tasks)
+    alpha = check_real("alpha", alpha, low=0.0)
+    lr = check_real("lr", lr, low=0.0, low_inclusive=False)
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair, got {betas!r}")
-    beta1 = _check_real("betas[0]", betas[0], low=0.0, high=1.0)
-    beta2 = _check_real("betas[1]", betas[1], low=0.0, high=1.0)
-    eps = _check_real("eps", eps, low=0.0, low_inclusive=False)
-    min_weight = _check_real("min_weight", min_weight, low=0.0, high=1.0,
+    beta1 = check_real("betas[0]", betas[0], low=0.0, high=1.0)
+    beta2 = check_real("betas[1]", betas[1], low=0.0, high=1.0)
+    eps = check_real("eps", eps, low=0.0, low_inclusive=False)
+    min_weight = check_real("min_weight", min_weight, low=0.0, high=1.0,
                              low_inclusive=False, high_inclusive=True)
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype!r}")

@@ -18,7 +18,15 @@ from gradnorm_func.distributed import (
 from gradnorm_func.capture import TaskFork
 from gradnorm_func.norms import check_task_losses, per_task_norms
 from gradnorm_func.objective import GradNormAux, gradnorm_loss_from_norms
-from gradnorm_func.state import GradNormState, Optimizer, init_state, state_from_dict, state_to, state_to_dict
+from gradnorm_func.state import (
+    GradNormState,
+    Optimizer,
+    check_real,
+    init_state,
+    state_from_dict,
+    state_to,
+    state_to_dict,
+)
 from gradnorm_func.step import step_from_norms
 from gradnorm_func.update import update
 
@@ -236,8 +244,7 @@ class GradNorm:
         (grads,) = torch.autograd.grad(L_grad, weights)
         state = self.state
         if lr is not None:
-            if not lr > 0:
-                raise ValueError(f"lr must be positive, got {lr!r}")
+            lr = check_real("lr", lr, low=0.0, low_inclusive=False)
             state = state._replace(hyper=state.hyper._replace(lr=torch.full_like(state.hyper.lr, lr)))
         self.state = update(state, grads, aux=aux)._replace(hyper=self.state.hyper)
         self.aux, self._pending = aux, None

@@ -131,6 +131,8 @@ def test_apply_grads_lr_override_is_for_one_call():
     big_move = (gn.w_i - 1).abs().max()
     assert big_move > 1e-2
     assert float(gn.state.hyper.lr) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="lr.*-0.5"):
+        gn.apply_grads(gn.gradnorm(task_losses(model, x, y)), lr=-0.5)
 
 
 def test_errors_name_the_problem():
