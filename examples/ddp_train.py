@@ -1,6 +1,6 @@
 """GradNorm under DistributedDataParallel, on the paper's toy problem (Chen et al. 2018, Sec. 4).
 
-Run: torchrun --nproc_per_node=2 examples/ddp_train.py [--steps 100]
+Run: torchrun --standalone --nproc_per_node=2 examples/ddp_train.py [--steps 100]
 
 Every rank trains on its shard of the data (``DistributedSampler``); DDP averages the model's
 gradients and ``GradNorm`` all-reduces the per-task gradients of the shared layer and the

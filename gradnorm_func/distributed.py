@@ -17,11 +17,11 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Union
 
-import optree
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 if TYPE_CHECKING:
     from gradnorm_func.norms import Params
@@ -78,13 +78,18 @@ def check_same_tasks(num_tasks: int, shared_numel: int, *, process_group: dist.P
                          f"{shared_numel} elements, the ranks range over [{-k_neg_min}, {k_max}]")
 
 
-def check_unsharded(named_tensors: list[tuple[str, Tensor]]) -> None:
-    """Raises ``ValueError`` naming any shared tensor that is a DTensor (FSDP2, tensor
-    parallelism) or an FSDP ``FlatParameter``: each rank holds only a shard of W there, so a
-    data-parallel all-reduce of per-task gradients would not give grad_W L_i."""
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2, tensor parallelism) or an FSDP ``FlatParameter``."""
     dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before its import
-    sharded = [name for name, t in named_tensors if getattr(t, "_is_flat_param", False)
-               or (dtensor is not None and isinstance(t, dtensor.DTensor))]
+    return bool(getattr(tensor, "_is_flat_param", False)
+                or (dtensor is not None and isinstance(tensor, dtensor.DTensor)))
+
+
+def check_unsharded(named_tensors: list[tuple[str, Tensor]]) -> None:
+    """Raises ``ValueError`` naming any shared tensor that :func:`is_sharded`: each rank holds
+    only a shard of W there, so a data-parallel all-reduce of per-task gradients would not
+    give grad_W L_i."""
+    sharded = [name for name, t in named_tensors if is_sharded(t)]
     if sharded:
         raise ValueError(f"the shared parameter(s) {sharded} are sharded (DTensor or FSDP "
                          "FlatParameter); GradNorm supports replicated (DDP) shared layers only")
@@ -117,7 +122,7 @@ def all_reduce_task_grads(per_task_grads: Params, task_losses: Tensor, *,
         ``(grads, losses)``: the same pytree of g_i (leaves in the promoted dtype) and the
         Tensor[T] of L_i (in ``task_losses``' dtype). Both are detached.
     """
-    leaves, treedef = optree.tree_flatten(per_task_grads)
+    leaves, treedef = pytree.tree_flatten(per_task_grads)
     num_tasks = task_losses.shape[0]
     dtype = torch.promote_types(task_losses.dtype, torch.float32)
     for leaf in leaves:
@@ -132,4 +137,4 @@ def all_reduce_task_grads(per_task_grads: Params, task_losses: Tensor, *,
     sizes = [leaf[0].numel() for leaf in leaves] + [1]
     *grads, losses = means.split(sizes, dim=1)
     grads = [g.reshape(leaf.shape) for g, leaf in zip(grads, leaves)]
-    return optree.tree_unflatten(treedef, grads), losses.reshape(num_tasks).to(task_losses.dtype)
+    return pytree.tree_unflatten(grads, treedef), losses.reshape(num_tasks).to(task_losses.dtype)

@@ -87,7 +87,7 @@ def fork_norms(segment: Segment, shared: Params, segment_input: Tensor, fork_gra
     if fork_grads.shape[:1] != weights.shape or weights.dim() != 1:
         raise ValueError(f"fork_grads must have a leading task axis of length {weights.shape}, "
                          f"got shape {tuple(fork_grads.shape)}")
-    _, pullback = torch.func.vjp(  # type: ignore[misc]
+    _, pullback = torch.func.vjp(  # type: ignore[misc, unused-ignore]
         lambda w: segment(w, segment_input.detach()), shared)
     (per_task_grads,) = torch.func.vmap(pullback)(fork_grads)
     return per_task_norms(per_task_grads) / weights.detach()

@@ -8,8 +8,9 @@ import optree
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
-from gradnorm_func.distributed import BatchSize, all_reduce_task_grads, check_unsharded
+from gradnorm_func.distributed import BatchSize, all_reduce_task_grads, check_unsharded, is_sharded
 
 Params = Any  # a pytree of tensors
 LossesFn = Callable[[Params], Tensor]
@@ -21,7 +22,7 @@ def per_task_norms(per_task_grads: Params) -> Tensor:
     Computes n_i = sqrt(sum_leaves sum_k g_i[k]^2) in float32 (float64 stays float64), so
     that bfloat16 or float16 gradients do not lose the norm to rounding.
     """
-    leaves = optree.tree_leaves(per_task_grads)
+    leaves, _ = pytree.tree_flatten(per_task_grads)
     if not leaves:
         raise ValueError("the shared parameters are empty: pass at least one tensor")
     squares = [
@@ -67,10 +68,11 @@ def task_gradient_norms(params: Params, losses: LossesFn, *, num_tasks: int,
         ``(task_losses, norms)``, both Tensor[T]; ``task_losses`` keeps its dtype, ``norms``
         are at least float32.
     """
-    paths, leaves, _ = optree.tree_flatten_with_path(params)
-    check_unsharded([(".".join(map(str, path)) or "params", leaf)
-                     for path, leaf in zip(paths, leaves)])
-    task_losses, pullback = torch.func.vjp(losses, params)  # type: ignore[misc]
+    if any(is_sharded(leaf) for leaf in pytree.tree_flatten(params)[0]):
+        paths, leaves, _ = optree.tree_flatten_with_path(params)  # names, for the error only
+        check_unsharded([(".".join(map(str, path)) or "params", leaf)
+                         for path, leaf in zip(paths, leaves)])
+    task_losses, pullback = torch.func.vjp(losses, params)  # type: ignore[misc, unused-ignore]
     check_task_losses(task_losses, num_tasks)
     one_hot = torch.eye(num_tasks, dtype=task_losses.dtype, device=task_losses.device)
     (per_task_grads,) = torch.func.vmap(pullback)(one_hot)

@@ -53,7 +53,8 @@ def update(state: GradNormState, grads: Tensor, *, aux: GradNormAux | None = Non
     keep_moments = finite & hyper.use_adam
 
     initial = state.initial_losses if aux is None else aux.initial_losses
-    return state._replace(
+    return GradNormState(
+        hyper=hyper,
         weights=torch.where(finite, weights, state.weights).detach(),
         initial_losses=torch.where(finite, initial, state.initial_losses).detach(),
         update_count=torch.where(finite, count, state.update_count),

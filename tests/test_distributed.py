@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from versions import COMPILES_FULLGRAPH
+
 import gradnorm_func as gf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +39,8 @@ def ranks(request, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp(f"ddp{world}")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
-        mp.spawn(ddp_workers.worker, args=(world, ddp_workers.free_port(), str(out), world == 2),
+        mp.spawn(ddp_workers.worker, args=(world, ddp_workers.free_port(), str(out),
+                                                 world == 2 and COMPILES_FULLGRAPH),
                  nprocs=world)
     return [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
@@ -109,7 +112,8 @@ def test_lightning_ddp_strategy_keeps_weights_identical(tmp_path):
 
 
 def test_torchrun_example_runs(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",  # free port
+                             "--nproc_per_node=2",
                              str(REPO / "examples" / "ddp_train.py"), "--steps", "5"],
                             env=child_env(), cwd=tmp_path, capture_output=True, text=True,
                             timeout=240)
@@ -127,6 +131,10 @@ def test_sync_options_and_sharded_layers_are_checked():
     layer.weight._is_flat_param = True  # what FSDP's FlatParameter carries
     with pytest.raises(ValueError, match=r"\['weight'\].*sharded"):
         gf.GradNorm(layer, 1.5, 2)
+    shared = {"layer": {"weight": layer.weight.detach(), "bias": layer.bias.detach()}}
+    shared["layer"]["weight"]._is_flat_param = True
+    with pytest.raises(ValueError, match=r"\['layer.weight'\].*sharded"):
+        gf.task_gradient_norms(shared, lambda p: p["layer"]["weight"].sum(1)[:2], num_tasks=2)
     layer = torch.nn.Linear(3, 2)
     gn = gf.GradNorm(layer, 1.5, 2, sync=True)
     with pytest.raises(RuntimeError, match="sync=True.*init_process_group"):

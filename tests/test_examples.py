@@ -17,6 +17,8 @@ import lightning_train  # noqa: E402
 import plain_loop  # noqa: E402
 from toy_problem import ToyMultiTask, toy_dataset  # noqa: E402
 
+from versions import needs_cpu_grad_scaler, needs_fullgraph_compile  # noqa: E402
+
 from gradnorm_func import GradNorm  # noqa: E402
 
 
@@ -63,6 +65,7 @@ def test_seed_readme_snippet_runs_unchanged():
     assert not torch.equal(gradnorm.w_i, torch.ones(10))
 
 
+@needs_fullgraph_compile
 def test_compiled_functional_example_equals_eager():
     eager = functional_step.main(["--steps", "6", "--no-compile"])
     compiled = functional_step.main(["--steps", "6"])
@@ -70,6 +73,7 @@ def test_compiled_functional_example_equals_eager():
     assert int(compiled.update_count) == 6
 
 
+@needs_cpu_grad_scaler
 def test_mixed_precision_weights_do_not_depend_on_loss_scale(capsys):
     small = amp_train.main(["--steps", "15", "--scale", "8"])
     large = amp_train.main(["--steps", "15", "--scale", "65536"])
