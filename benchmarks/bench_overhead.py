@@ -11,7 +11,6 @@ Run: PYTHONPATH=. python benchmarks/bench_overhead.py [--rounds 20] [--quick] [-
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from typing import Callable

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor
 
 from gradnorm_func.repro.experiment import Method, RunRecord
