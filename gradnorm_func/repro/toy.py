@@ -16,10 +16,10 @@ both are options here (``input_law``, ``scale_reading``).
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 INPUT_DIM = 250
 OUTPUT_DIM = 100
@@ -142,3 +142,78 @@ def losses_from_penultimate(params: dict[str, Tensor], h: Tensor, y: Tensor) -> 
 def task_losses(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
     """Per-task squared losses of the whole model on (x, y); Tensor[T]."""
     return losses_from_penultimate(params, penultimate(params, x), y)
+
+
+class ToyMultiTaskNet(nn.Module):
+    """The toy model of Chen et al. (2018), Section 4, as a module, at any size.
+
+    ``depth`` fully connected ReLU layers of ``hidden`` units (the last one,
+    ``last_shared_layer``, is GradNorm's W), then one affine head per task. The heads are
+    stacked (``heads_weight`` [T, out, hidden], ``heads_bias`` [T, out], applied as one
+    einsum) unless ``separate_heads``, which makes ``heads`` an ``nn.ModuleList`` of
+    ``nn.Linear`` (for ``GradNorm(..., heads=model.heads)``). The paper's sizes are the
+    defaults; the examples and tests use smaller ones.
+
+    ``forward(x)`` returns [B, T, output_dim]. Set ``fork`` to a function mapping the shared
+    representation z [B, hidden] to per-task copies [T, B, hidden] (``GradNorm.fork``) and
+    head i reads copy i only.
+
+    Initialisation is PyTorch's default for ``nn.Linear``, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    for weights and biases alike, drawn from the global generator.
+    """
+
+    def __init__(self, num_tasks: int, *, input_dim: int = INPUT_DIM, hidden: int = HIDDEN,
+                 depth: int = TRUNK_DEPTH, output_dim: int = OUTPUT_DIM,
+                 separate_heads: bool = False) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        layers: list[nn.Module] = []
+        fan_in = input_dim
+        for _ in range(depth - 1):
+            layers += [nn.Linear(fan_in, hidden), nn.ReLU()]
+            fan_in = hidden
+        self.num_tasks = num_tasks
+        self.trunk = nn.Sequential(*layers)
+        self.last_shared_layer = nn.Linear(fan_in, hidden)
+        self.fork: Callable[[Tensor], Tensor] | None = None
+        if separate_heads:
+            self.heads = nn.ModuleList(nn.Linear(hidden, output_dim) for _ in range(num_tasks))
+        else:
+            bound = 1 / math.sqrt(hidden)
+            self.heads_weight = nn.Parameter(
+                torch.empty(num_tasks, output_dim, hidden).uniform_(-bound, bound))
+            self.heads_bias = nn.Parameter(torch.empty(num_tasks, output_dim).uniform_(-bound, bound))
+
+    def shared(self, x: Tensor) -> Tensor:
+        """z = relu(W h + b), the representation where the heads fork; [B, hidden]."""
+        return torch.relu(self.last_shared_layer(self.trunk(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.shared(x)
+        z_t = None if self.fork is None else self.fork(z)
+        if hasattr(self, "heads"):
+            views = [z] * self.num_tasks if z_t is None else list(z_t.unbind(0))
+            return torch.stack([head(v) for head, v in zip(self.heads, views)], dim=1)
+        if z_t is None:
+            return torch.einsum("bk,tok->bto", z, self.heads_weight) + self.heads_bias
+        return torch.einsum("tbk,tok->bto", z_t, self.heads_weight) + self.heads_bias
+
+
+def toy_regression(sigmas: Tensor, n: int, *, input_dim: int, output_dim: int, seed: int
+                   ) -> tuple[Tensor, Tensor]:
+    """n samples of f_i(x) = sigma_i tanh(x A_i) with A_i ~ N(0, 1/input_dim), x ~ N(0, I).
+
+    The paper's task family at a small size, with inputs scaled so that tanh is not
+    saturated; returns x [n, input_dim] and y [n, T, output_dim].
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, input_dim, generator=gen)
+    maps = torch.randn(len(sigmas), input_dim, output_dim, generator=gen) / math.sqrt(input_dim)
+    y = sigmas.view(1, -1, 1) * torch.tanh(torch.einsum("nd,tdo->nto", x, maps))
+    return x, y
+
+
+def per_task_mse(prediction: Tensor, target: Tensor) -> Tensor:
+    """L_i = mean over samples and outputs of (prediction - target)^2 for [B, T, out]; Tensor[T]."""
+    return (prediction - target).square().mean((0, 2))
