@@ -1,23 +1,27 @@
-"""Figures, Markdown table and JSON summary of the toy reproduction (Chen et al. 2018, Fig. 2)."""
+"""Figures, Markdown table, verdict sentences and JSON summary of the toy reproduction (Chen et
+al. 2018, Fig. 2), and the helpers the digits report shares with it.
+
+Figures are drawn on a ``matplotlib.figure.Figure`` (no pyplot, no global backend switch) and
+saved as PNG at 80 dpi.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import matplotlib
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from gradnorm_func.repro.experiment import METHODS, Method, RunRecord  # noqa: E402
-from gradnorm_func.repro.verdicts import (  # noqa: E402
+from gradnorm_func.repro.experiment import METHODS, Method
+from gradnorm_func.repro.training import RunRecord, normalised_test_loss
+from gradnorm_func.repro.verdicts import (
     final_losses,
     log_weight_variation,
-    normalised_test_loss,
     peak_weight,
     spearman,
 )
@@ -30,17 +34,44 @@ CLAIMS = {
     4: "T=10: GradNorm is more stable than, and outperforms, uncertainty weighting",
 }
 COLORS = {"equal": "tab:gray", "gradnorm": "tab:blue", "uncertainty": "tab:orange"}
+NAMES = {"equal": "equal weights", "gradnorm": "GradNorm", "uncertainty": "uncertainty weighting"}
+DPI = 80
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: Sequence[float]) -> str:
     """'mean ± std' (sample std over seeds; 0 for one seed)."""
     v = torch.tensor(values, dtype=torch.float64)
     std = float(v.std()) if len(values) > 1 else 0.0
     return f"{float(v.mean()):.3g} ± {std:.2g}"
 
 
+def span(values: Sequence[float]) -> str:
+    """'min-max' over seeds to 3 significant digits, or the one value when they agree."""
+    low, high = f"{min(values):.3g}", f"{max(values):.3g}"
+    return low if low == high else f"{low} to {high}"
+
+
+def seeds_phrase(count: int, total: int) -> str:
+    return f"{count}/{total} seeds"
+
+
+def p_phrase(gain: dict[str, Any]) -> str:
+    """'k/n seeds, sign test p = 0.031' for an :func:`~gradnorm_func.repro.verdicts.improvement`."""
+    return f"{seeds_phrase(gain['wins'], gain['seeds'])}, sign test p = {gain['sign_test_p']:.3f}"
+
+
+def loss_comparison(gain: dict[str, Any], better: str, worse: str) -> str:
+    """A sentence fragment comparing final normalised test losses N (lower is better)."""
+    rel = gain["relative_improvement"]
+    direction = "lower" if rel >= 0 else "higher"
+    return (f"N = sum_i L_i/L_i(0) is {gain['mean_better']:.3g} for {better} against "
+            f"{gain['mean_worse']:.3g} for {worse}, {abs(rel):.1%} {direction} "
+            f"(lower in {p_phrase(gain)})")
+
+
 def summarise(runs: dict[Method, list[RunRecord]], sigmas: Tensor) -> dict[str, Any]:
-    """Per-method, per-seed final metrics of one problem, for the JSON summary."""
+    """Per-method, per-seed final metrics of one problem, for the JSON summary. Spearman is
+    null where it is undefined (constant weights, as under equal weights)."""
     out: dict[str, Any] = {"sigmas": sigmas.tolist(), "methods": {}}
     for method in METHODS:
         records = runs[method]
@@ -50,39 +81,73 @@ def summarise(runs: dict[Method, list[RunRecord]], sigmas: Tensor) -> dict[str, 
             "peak_weight": [peak_weight(r) for r in records],
             "log_weight_variation": [log_weight_variation(r) for r in records],
             "spearman_final_weights_vs_sigma": [spearman(r.weights[-1], sigmas) for r in records],
+            "seconds_per_step": [r.seconds_per_step for r in records],
         }
     return out
+
+
+def correlation_cell(values: list[float | None]) -> str:
+    """mean ± std of the defined values; '—' when none is defined."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return "—"
+    partial = "" if len(defined) == len(values) else f" ({seeds_phrase(len(defined), len(values))})"
+    return mean_std(defined) + partial
 
 
 def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
     """Final metrics, mean ± std over seeds, one row per problem and method."""
     lines = ["| problem | method | final sum_i L_i/L_i(0) | final w (min / max over tasks) "
-             "| peak weight | log-weight variation | Spearman(w, sigma) |",
-             "|---|---|---|---|---|---|---|"]
+             "| peak weight | log-weight variation | Spearman(w, sigma) | ms / step |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, summary in summaries.items():
         for method, m in summary["methods"].items():
             final_w = m["final_weights"]
             w_range = (f"{mean_std([min(w) for w in final_w])} / "
                        f"{mean_std([max(w) for w in final_w])}")
-            rho = "—" if method == "equal" else mean_std(m["spearman_final_weights_vs_sigma"])
+            ms = mean_std([1e3 * s for s in m["seconds_per_step"]])
             lines.append(f"| {name} | {method} | {mean_std(m['final_normalised_test_loss'])} "
                          f"| {w_range} | {mean_std(m['peak_weight'])} "
-                         f"| {mean_std(m['log_weight_variation'])} | {rho} |")
+                         f"| {mean_std(m['log_weight_variation'])} "
+                         f"| {correlation_cell(m['spearman_final_weights_vs_sigma'])} | {ms} |")
     return "\n".join(lines) + "\n"
 
 
 def verdict_lines(verdicts: list[dict[str, Any]]) -> list[str]:
-    """One line per claim: the verdict, then the numbers behind it."""
+    """One Markdown sentence per claim: the verdict in bold, then the numbers behind it."""
     lines = []
     for v in verdicts:
-        word = "reproduced" if v["holds"] else "not reproduced"
-        numbers = {k: v[k] for k in v if k not in ("claim", "holds")}
-        lines.append(f"Claim {v['claim']} ({CLAIMS[v['claim']]}): **{word}**  \n"
-                     f"`{json.dumps(numbers)}`")
+        claim = v["claim"]
+        head = f"Claim {claim} ({CLAIMS[claim]}): **{'reproduced' if v['holds'] else 'not reproduced'}**."
+        if claim == 1:
+            ratios = v["equal_final_loss_ratios"]
+            suppressed = sum(q[0] > q[1] for q in ratios)
+            body = (f"Under equal weights the small task's test loss ends at "
+                    f"{span([q[0] for q in ratios])} x its initial value and the large task's at "
+                    f"{span([q[1] for q in ratios])} x (small task behind in "
+                    f"{seeds_phrase(suppressed, len(ratios))}); GradNorm's final w_0 is "
+                    f"{span(v['gradnorm_final_w0'])}; "
+                    + loss_comparison(v["gradnorm_vs_equal"], "GradNorm", "equal weights") + ".")
+        elif claim == 2:
+            body = loss_comparison(v["gradnorm_vs_equal"], "GradNorm", "equal weights") + "."
+        elif claim == 3:
+            rhos = ", ".join("undefined" if r is None else f"{r:.3g}" for r in v["spearman_per_seed"])
+            mean = "undefined" if v["spearman_mean"] is None else f"{v['spearman_mean']:.3g}"
+            body = (f"Spearman(final w, sigma) per seed: {rhos} (mean {mean}; the criterion is "
+                    f"< 0 in every seed and a mean <= -0.8).")
+        else:
+            peaks = v["peak_weight"]
+            larger = sum(u > g for g, u in zip(peaks["gradnorm"], peaks["uncertainty"]))
+            body = (loss_comparison(v["gradnorm_vs_uncertainty"], "GradNorm",
+                                    "uncertainty weighting")
+                    + f"; uncertainty weighting's peak weight is {span(peaks['uncertainty'])} "
+                      f"against GradNorm's {span(peaks['gradnorm'])} (larger in "
+                      f"{seeds_phrase(larger, len(peaks['gradnorm']))}).")
+        lines.append(f"{head} {body}")
     return lines
 
 
-def _band(ax: Any, steps: Tensor, curves: Tensor, color: Any, label: str) -> None:
+def band(ax: Axes, steps: Tensor, curves: Tensor, color: Any, label: str) -> None:
     """Mean over seeds (line) and min-max over seeds (band); ``curves`` is [seeds, time]."""
     ax.plot(steps, curves.mean(0), color=color, label=label, lw=1.2)
     if curves.shape[0] > 1:
@@ -93,8 +158,9 @@ def _band(ax: Any, steps: Tensor, curves: Tensor, color: Any, label: str) -> Non
 def figure(runs: dict[Method, list[RunRecord]], sigmas: Tensor, title: str, path: Path) -> None:
     """Figure 2 in spirit: GradNorm's w_i(t), uncertainty weighting's w_i(t) = exp(-s_i(t)),
     and the normalised test loss per method, each with its min-max band over seeds."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    cmap = plt.get_cmap("viridis")
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
+    cmap = matplotlib.colormaps["viridis"]
     order = sigmas.argsort().tolist()
     weighted: tuple[Method, Method] = ("gradnorm", "uncertainty")
     for ax, method in zip(axes[:2], weighted):
@@ -102,7 +168,7 @@ def figure(runs: dict[Method, list[RunRecord]], sigmas: Tensor, title: str, path
         steps = torch.arange(weights.shape[1])
         for rank, i in enumerate(order):
             color = cmap(rank / max(1, len(order) - 1))
-            _band(ax, steps, weights[:, :, i], color, f"σ={float(sigmas[i]):.3g}")
+            band(ax, steps, weights[:, :, i], color, f"σ={float(sigmas[i]):.3g}")
         ax.set_title(f"{method}: w_i(t) (dark = small σ_i)")
         ax.set_xlabel("step")
         if method == "uncertainty":
@@ -112,21 +178,20 @@ def figure(runs: dict[Method, list[RunRecord]], sigmas: Tensor, title: str, path
     for method in METHODS:
         records = runs[method]
         curves = torch.stack([normalised_test_loss(r) for r in records])
-        _band(axes[2], records[0].eval_steps, curves, COLORS[method], method)
+        band(axes[2], records[0].eval_steps, curves, COLORS[method], method)
     axes[2].set_title("test Σ_i L_i(t)/L_i(0)")
     axes[2].set_xlabel("step")
     axes[2].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    fig.savefig(path, dpi=DPI)
 
 
 def write_outputs(out: Path, *, settings: dict[str, Any], summaries: dict[str, dict[str, Any]],
-                  verdicts: list[dict[str, Any]]) -> None:
-    """Writes ``summary.json``, ``table.md`` (table and verdicts) into ``out``."""
+                  verdicts: list[dict[str, Any]], notes: list[str]) -> None:
+    """Writes ``summary.json`` and ``table.md`` (table, notes and verdicts) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"settings": settings, "problems": summaries, "verdicts": verdicts}
+    summary = {"settings": settings, "problems": summaries, "verdicts": verdicts, "notes": notes}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    text = markdown_table(summaries) + "\n" + "\n\n".join(verdict_lines(verdicts)) + "\n"
-    (out / "table.md").write_text(text)
+    text = "\n\n".join([markdown_table(summaries).rstrip("\n"), *notes, *verdict_lines(verdicts)])
+    (out / "table.md").write_text(text + "\n")

@@ -5,9 +5,9 @@ Task i maps x in R^250 to R^100 as
     f_i(x) = sigma_i * tanh((B + eps_i) x),
 
 with B and eps_i matrices of i.i.d. N(0, 10) and N(0, 3.5) entries, drawn once and kept
-constant. The model is a trunk of four fully connected ReLU layers of 100 units followed by
-one affine head per task, trained with the squared loss. The fourth trunk layer is the last
-shared layer, GradNorm's W.
+constant. The model (:class:`ToyMultiTaskNet`) is a trunk of four fully connected ReLU layers
+of 100 units followed by one affine head per task, trained with the squared loss. The fourth
+layer, ``last_shared_layer``, is GradNorm's W.
 
 The paper leaves the law of x and the meaning of the second argument of N(., .) unstated;
 both are options here (``input_law``, ``scale_reading``).
@@ -33,7 +33,6 @@ InputLaw = Literal["normal", "uniform", "scaled-normal"]
 ScaleReading = Literal["variance", "std"]
 INPUT_LAWS: tuple[InputLaw, ...] = ("normal", "uniform", "scaled-normal")
 SCALE_READINGS: tuple[ScaleReading, ...] = ("variance", "std")
-SHARED = ("trunk.3.weight", "trunk.3.bias")  # GradNorm's W: the last shared layer
 
 
 class ToyData(NamedTuple):
@@ -98,50 +97,6 @@ def make_data(sigmas: Tensor, *, seed: int, n_train: int, n_test: int,
     y_test, pre_test = targets(x_test)
     saturation = (pre_test.abs() > SATURATION_THRESHOLD).float().mean()
     return ToyData(x_train, y_train, x_test, y_test, saturation)
-
-
-def init_params(num_tasks: int, *, seed: int) -> dict[str, Tensor]:
-    """PyTorch's default ``nn.Linear`` initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
-    weights and biases, from a seeded generator. The T heads are stacked: ``heads.weight`` is
-    [T, 100, 100] and ``heads.bias`` is [T, 100]."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def uniform(*shape: int, fan_in: int) -> Tensor:
-        return (torch.rand(*shape, generator=gen) * 2 - 1) / math.sqrt(fan_in)
-
-    params = {}
-    fan_in = INPUT_DIM
-    for layer in range(TRUNK_DEPTH):
-        params[f"trunk.{layer}.weight"] = uniform(HIDDEN, fan_in, fan_in=fan_in)
-        params[f"trunk.{layer}.bias"] = uniform(HIDDEN, fan_in=fan_in)
-        fan_in = HIDDEN
-    params["heads.weight"] = uniform(num_tasks, OUTPUT_DIM, HIDDEN, fan_in=HIDDEN)
-    params["heads.bias"] = uniform(num_tasks, OUTPUT_DIM, fan_in=HIDDEN)
-    return params
-
-
-def penultimate(params: dict[str, Tensor], x: Tensor) -> Tensor:
-    """The trunk's first three ReLU layers: the input of the last shared layer, [N, 100]."""
-    h = x
-    for layer in range(TRUNK_DEPTH - 1):
-        h = torch.relu(h @ params[f"trunk.{layer}.weight"].T + params[f"trunk.{layer}.bias"])
-    return h
-
-
-def losses_from_penultimate(params: dict[str, Tensor], h: Tensor, y: Tensor) -> Tensor:
-    """Per-task squared losses L_i = mean_{n,k} (head_i(relu(W h_n + b))_k - y_{n,i,k})^2.
-
-    Reads ``trunk.3.*`` (the last shared layer) and the stacked heads from ``params``; the
-    T heads run as one einsum. Returns Tensor[T].
-    """
-    z = torch.relu(h @ params["trunk.3.weight"].T + params["trunk.3.bias"])
-    out = torch.einsum("nk,tok->nto", z, params["heads.weight"]) + params["heads.bias"]
-    return (out - y).square().mean((0, 2))
-
-
-def task_losses(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-    """Per-task squared losses of the whole model on (x, y); Tensor[T]."""
-    return losses_from_penultimate(params, penultimate(params, x), y)
 
 
 class ToyMultiTaskNet(nn.Module):

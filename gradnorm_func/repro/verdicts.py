@@ -30,15 +30,11 @@ from typing import Any, Sequence
 
 from torch import Tensor
 
-from gradnorm_func.repro.experiment import Method, RunRecord
+from gradnorm_func.repro.experiment import Method
+from gradnorm_func.repro.training import RunRecord, normalised_test_loss
 
 SIGN_TEST_LEVEL = 0.05
 SPEARMAN_BOUND = -0.8
-
-
-def normalised_test_loss(record: RunRecord) -> Tensor:
-    """sum_i L_i(t) / L_i(0) at every evaluation; Tensor[E]."""
-    return (record.test_losses / record.test_losses[0]).sum(1)
 
 
 def peak_weight(record: RunRecord) -> float:
@@ -51,8 +47,13 @@ def log_weight_variation(record: RunRecord) -> float:
     return float(record.weights.log().diff(dim=0).abs().sum())
 
 
-def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman's rank correlation: the Pearson correlation of the ranks (no ties assumed)."""
+def spearman(a: Tensor, b: Tensor) -> float | None:
+    """Spearman's rank correlation: the Pearson correlation of the ranks (no ties assumed).
+
+    None when either vector is constant (e.g. equal weights), where it is undefined.
+    """
+    if bool((a == a[0]).all()) or bool((b == b[0]).all()):
+        return None
     ranks = [v.argsort().argsort().double() for v in (a, b)]
     ra, rb = (r - r.mean() for r in ranks)
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
@@ -64,15 +65,36 @@ def sign_test_p(wins: int, n: int) -> float:
 
 
 def improvement(better: Sequence[float], worse: Sequence[float]) -> dict[str, Any]:
-    """Paired comparison of final normalised test losses (lower is better) over seeds."""
+    """Paired comparison over seeds of a quantity where lower is better (e.g. final
+    normalised test losses): does ``better`` beat ``worse``?
+
+    ``mean_difference`` is the mean of worse - better; ``wins`` counts the seeds where it is
+    positive; ``holds`` needs a positive mean and sign test p <= 0.05.
+    """
     diffs = [w - b for b, w in zip(better, worse)]
     wins = sum(d > 0 for d in diffs)
     p = sign_test_p(wins, len(diffs))
     mean_diff = sum(diffs) / len(diffs)
-    mean_worse = sum(worse) / len(worse)
-    return {"mean_difference": mean_diff, "relative_improvement": mean_diff / mean_worse,
-            "wins": wins, "seeds": len(diffs), "sign_test_p": p,
-            "holds": bool(mean_diff > 0 and p <= SIGN_TEST_LEVEL)}
+    mean_better, mean_worse = sum(better) / len(better), sum(worse) / len(worse)
+    return {"mean_better": mean_better, "mean_worse": mean_worse, "mean_difference": mean_diff,
+            "relative_improvement": mean_diff / mean_worse, "wins": wins, "seeds": len(diffs),
+            "sign_test_p": p, "holds": bool(mean_diff > 0 and p <= SIGN_TEST_LEVEL)}
+
+
+def delta_m(metrics: Sequence[float], baseline: Sequence[float],
+            lower_is_better: Sequence[bool]) -> float:
+    """The multi-task score of Maninis et al. (CVPR 2019) and Vandenhende et al. (TPAMI 2021),
+
+        Delta_m = (1/T) sum_i (-1)^{l_i} (M_i - M_b,i) / M_b,i,
+
+    with l_i = 1 when lower is better for metric i: the mean relative change against the
+    baseline b, positive when the method is better. Ill-conditioned when some |M_b,i| is small.
+    """
+    if not len(metrics) == len(baseline) == len(lower_is_better):
+        raise ValueError("metrics, baseline and lower_is_better must have one entry per task")
+    terms = [(-1 if low else 1) * (m - b) / b
+             for m, b, low in zip(metrics, baseline, lower_is_better)]
+    return sum(terms) / len(terms)
 
 
 def final_losses(records: list[RunRecord]) -> list[float]:
@@ -100,8 +122,9 @@ def claim_2(runs: dict[Method, list[RunRecord]]) -> dict[str, Any]:
 def claim_3(runs: dict[Method, list[RunRecord]], sigmas: Tensor) -> dict[str, Any]:
     """T=10: GradNorm's final weights are anti-correlated with sigma."""
     rhos = [spearman(r.weights[-1], sigmas) for r in runs["gradnorm"]]
-    mean = sum(rhos) / len(rhos)
-    return {"claim": 3, "holds": max(rhos) < 0 and mean <= SPEARMAN_BOUND,
+    defined = [r for r in rhos if r is not None]
+    mean = sum(defined) / len(defined) if len(defined) == len(rhos) else None
+    return {"claim": 3, "holds": mean is not None and max(defined) < 0 and mean <= SPEARMAN_BOUND,
             "spearman_per_seed": rhos, "spearman_mean": mean}
 
 

@@ -7,7 +7,7 @@ global-batch quantities are the sample-weighted means::
     g_i = sum_r n_r g_i^(r) / sum_r n_r,        L_i = sum_r n_r L_i^(r) / sum_r n_r,
 
 and GradNorm needs ||g_i||_2, the norm of the mean, which is not the mean of the per-rank
-norms ||g_i^(r)||_2. :func:`all_reduce_task_grads` computes g_i and L_i on every rank with
+norms ||g_i^(r)||_2. :func:`sync_task_gradients` computes g_i and L_i on every rank with
 one all-reduce of one flat buffer, so that every rank then takes the same step and holds
 bit-identical weights.
 """
@@ -15,7 +15,6 @@ bit-identical weights.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Union
 
 import torch
 import torch.distributed as dist
@@ -23,13 +22,10 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-if TYPE_CHECKING:
-    from gradnorm_func.norms import Params
-
-BatchSize = Union[int, Tensor, None]
+from gradnorm_func._types import BatchSize, Params
 
 
-def sync_group(process_group: dist.ProcessGroup | None, sync: bool | None
+def resolve_group(process_group: dist.ProcessGroup | None, sync: bool | None
                ) -> dist.ProcessGroup | None:
     """The group to synchronise over, or None for a single-process step.
 
@@ -95,9 +91,9 @@ def check_unsharded(named_tensors: list[tuple[str, Tensor]]) -> None:
                          "FlatParameter); GradNorm supports replicated (DDP) shared layers only")
 
 
-def all_reduce_task_grads(per_task_grads: Params, task_losses: Tensor, *,
-                          process_group: dist.ProcessGroup, batch_size: BatchSize = None
-                          ) -> tuple[Params, Tensor]:
+def sync_task_gradients(task_grads: Params, task_losses: Tensor, *,
+                        process_group: dist.ProcessGroup, batch_size: BatchSize = None
+                        ) -> tuple[Params, Tensor]:
     """Global-batch per-task gradients g_i and losses L_i, identical on every rank.
 
     Computes g_i = sum_r n_r g_i^(r) / sum_r n_r and L_i = sum_r n_r L_i^(r) / sum_r n_r
@@ -110,7 +106,7 @@ def all_reduce_task_grads(per_task_grads: Params, task_losses: Tensor, *,
     ``torch.compile(fullgraph=True)`` graph.
 
     Args:
-        per_task_grads: pytree whose leaves are the local grad_W L_i^(r), each with a
+        task_grads: pytree whose leaves are the local grad_W L_i^(r), each with a
             leading task axis of size T.
         task_losses: Tensor[T] of the local losses L_i^(r), each a mean over the local batch.
         process_group: the group whose ranks are averaged.
@@ -122,7 +118,7 @@ def all_reduce_task_grads(per_task_grads: Params, task_losses: Tensor, *,
         ``(grads, losses)``: the same pytree of g_i (leaves in the promoted dtype) and the
         Tensor[T] of L_i (in ``task_losses``' dtype). Both are detached.
     """
-    leaves, treedef = pytree.tree_flatten(per_task_grads)
+    leaves, treedef = pytree.tree_flatten(task_grads)
     num_tasks = task_losses.shape[0]
     dtype = torch.promote_types(task_losses.dtype, torch.float32)
     for leaf in leaves:

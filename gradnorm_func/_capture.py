@@ -1,0 +1,234 @@
+"""The wrapper's fast path: per-task gradients at W from the cotangents at the fork of the heads.
+
+Each head consumes its own view of the shared representation z (``GradNorm.fork(z)`` or
+``GradNorm(..., heads=...)``). Every forward through the fork leaves a *record* (z, the
+views, and the shared layer's input when the closed form applies). The backward of a loss
+sum_i a_i L_i then sends each task's cotangent c_i = a_i dL_i/dz to its own view, and the
+segment between W and z turns the T cotangents into grad_W (a_i L_i): in closed form for a
+Linear or ConvNd layer (:mod:`gradnorm_func._segments`), else by one vjp of the segment.
+
+A record is used in one of two ways:
+
+* *armed* by ``GradNorm.forward``: tensor hooks compute the gradients during the caller's
+  own backward, before the graph below z is freed;
+* by ``GradNorm.step`` before the backward: one backward of sum_i L_i through the heads
+  only, with the graph retained, gives the cotangents (:meth:`TaskFork.gradients_now`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gradnorm_func._segments import (
+    LayerCall,
+    activation_derivative,
+    elementwise_activation,
+    layer_task_gradients,
+    supports_closed_form,
+)
+
+_LOOP_TASKS = 4  # up to this many tasks, one vjp per task beats one batched vjp (measured)
+_CHUNK_ELEMENTS = 1 << 18  # cotangent elements per batched vjp of a generic segment
+_MAX_PENDING = 8  # records kept for a later GradNorm call; older ones are stale
+FREED_GRAPH = "backward through the graph a second time"  # torch's message, to replace
+
+
+class Record:
+    """One forward's fork: z, the per-task views, and the gradients a backward computed."""
+
+    def __init__(self, source: Tensor, num_tasks: int, closed_form: LayerCall | None,
+                 activation: torch.autograd.graph.Node | None) -> None:
+        self.source = source  # z, output of the shared segment
+        self.stacked: Tensor | None = None  # z_t of shape [T, *z.shape] (``expand``)
+        self.views: list[Tensor | None] = [None] * num_tasks  # what head i consumed (``attach``)
+        self.cotangents: list[Tensor | None] = [None] * num_tasks  # c_i, while a backward runs
+        self.closed_form = closed_form  # the layer call, when z = f(layer(h)) in closed form
+        self.activation = activation  # f's autograd node, or None when z = layer(h)
+        self.armed = False  # compute the gradients during the next backward through the fork
+        self.grads: list[Tensor] | None = None  # grad_W (a_i L_i), each [T, *W.shape]
+
+    def fork_tensors(self) -> list[Tensor]:
+        """The tensors the heads consumed: z_t, or the views of the heads that ran."""
+        if self.stacked is not None:
+            return [self.stacked]
+        return [v for v in self.views if v is not None]
+
+
+class TaskFork:
+    """Per-task views of z for the heads, and grad_W (a_i L_i) from the cotangents they receive.
+
+    Args:
+        layer: the shared layer, when it is a module (for the closed form), else None.
+        named_params: the shared tensors W with their names (for error messages).
+        num_tasks: T.
+        recording: returns whether the next GradNorm step needs a record of this forward.
+    """
+
+    def __init__(self, layer: nn.Module | None, named_params: Sequence[tuple[str, Tensor]],
+                 num_tasks: int, recording: Callable[[], bool]) -> None:
+        self.names = [name for name, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.num_tasks = num_tasks
+        self.recording = recording
+        self.pending: list[Record] = []
+        self._layer = layer if layer is not None and supports_closed_form(layer, self.params) \
+            else None
+        self._layer_calls: list[LayerCall] = []  # calls of the layer since the last record
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        if self._layer is not None:
+            self.handles.append(self._layer.register_forward_hook(self._on_layer))
+
+    # ----------------------------------------------------------------- forward: records
+    def _active(self, z: object) -> bool:
+        return (isinstance(z, Tensor) and z.requires_grad and torch.is_grad_enabled()
+                and self.recording())
+
+    def _on_layer(self, _: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if args and isinstance(output, Tensor) and self._active(output):
+            self._layer_calls.append(LayerCall(args[0], output.grad_fn))  # type: ignore[arg-type]
+
+    def _new_record(self, z: Tensor) -> Record:
+        call = self._layer_calls[0] if len(self._layer_calls) == 1 else None
+        self._layer_calls = []  # the closed form needs z to come from exactly one layer call
+        closed, activation = elementwise_activation(z, call) if call is not None else (False, None)
+        record = Record(z, self.num_tasks, call if closed else None, activation)
+        self.pending = [*self.pending[1 - _MAX_PENDING:], record]
+        return record
+
+    def expand(self, z: Tensor) -> Tensor:
+        """z_t = z expanded to [T, *z.shape] (a view, no copy); slice i must feed task i only."""
+        z_t = z.expand(self.num_tasks, *z.shape)
+        if self._active(z):
+            record = self._new_record(z)
+            record.stacked = z_t
+            z_t.register_hook(partial(self._on_stacked, record))  # type: ignore[no-untyped-call]
+        return z_t
+
+    def attach(self, heads: Sequence[nn.Module]) -> None:
+        """Forward-pre-hooks giving head i its own view of its first input z, one per task."""
+        if isinstance(heads, nn.Module) and not isinstance(heads, (nn.ModuleList, nn.Sequential)):
+            raise TypeError("heads must be a sequence of modules, one per task (e.g. an "
+                            f"nn.ModuleList), got {type(heads).__name__}")
+        heads = list(heads)
+        if len(heads) != self.num_tasks or not all(isinstance(h, nn.Module) for h in heads):
+            raise ValueError(f"heads must hold one nn.Module per task ({self.num_tasks}), "
+                             f"got {[type(h).__name__ for h in heads]}")
+        self.handles += [head.register_forward_pre_hook(partial(self._head_input, i))
+                         for i, head in enumerate(heads)]
+
+    def _head_input(self, task: int, _: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        z = args[0] if args else None
+        if not self._active(z):
+            return None
+        assert isinstance(z, Tensor)
+        record = self.pending[-1] if self.pending else None
+        if record is None or record.source is not z or record.stacked is not None:
+            record = self._new_record(z)
+            z.register_hook(partial(self._on_source, record))  # type: ignore[no-untyped-call]
+        elif record.views[task] is not None:
+            raise RuntimeError(
+                f"head {task} was called twice on the same shared representation in one "
+                "forward; with heads=, each head must read z once. Call it once, or feed the "
+                "heads from z_t = gradnorm.fork(z) and index z_t[i] for each use")
+        view = z.view_as(z)
+        view.register_hook(partial(self._on_view, record, task))  # type: ignore[no-untyped-call]
+        record.views[task] = view
+        return (view, *args[1:])
+
+    def take(self) -> list[Record]:
+        """The records of the forwards since the last call, for one GradNorm step."""
+        records, self.pending = self.pending, []
+        self._layer_calls = []
+        return records
+
+    # ----------------------------------------------------------------- backward: hooks
+    def _on_view(self, record: Record, task: int, grad: Tensor) -> None:
+        if record.armed:
+            record.cotangents[task] = grad
+
+    def _on_source(self, record: Record, _: Tensor) -> None:
+        if record.armed:
+            cotangents, record.cotangents = record.cotangents, [None] * self.num_tasks
+            record.armed = False  # the generic vjp below runs z's node again, and this hook
+            record.grads = self._segment_gradients(record, cotangents)
+
+    def _on_stacked(self, record: Record, grad: Tensor) -> None:
+        if record.armed:
+            record.armed = False
+            record.grads = self._segment_gradients(record, grad)
+
+    # ----------------------------------------------------------------- the segment
+    def _segment_gradients(self, record: Record, cotangents: Tensor | list[Tensor | None]
+                           ) -> list[Tensor]:
+        """grad_W (a_i L_i) for every task from the T cotangents at z (stacked, or one per task)."""
+        if record.closed_form is not None:
+            assert self._layer is not None
+            stacked = cotangents if isinstance(cotangents, Tensor) else self._stack(cotangents)
+            derivative = activation_derivative(record.source, record.activation)
+            if derivative is not None:
+                stacked = stacked * derivative
+            return layer_task_gradients(self._layer, record.closed_form.inputs, stacked)
+        present = next((c for c in cotangents if c is not None), None)
+        assert present is not None
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, present.numel()))
+        if chunk == 1 or self.num_tasks <= _LOOP_TASKS:
+            return self._gradients_per_task(record, cotangents)
+        stacked = cotangents if isinstance(cotangents, Tensor) else self._stack(cotangents)
+        parts = [self._vjp(record, c, batched=True) for c in torch.split(stacked, chunk)]
+        return [torch.cat(grads) if len(grads) > 1 else grads[0] for grads in zip(*parts)]
+
+    def _stack(self, cotangents: list[Tensor | None]) -> Tensor:
+        present = next(c for c in cotangents if c is not None)
+        return torch.stack([torch.zeros_like(present) if c is None else c for c in cotangents])
+
+    def _vjp(self, record: Record, cotangent: Tensor, *, batched: bool) -> list[Tensor]:
+        grads = torch.autograd.grad(record.source, self.params, grad_outputs=cotangent,
+                                    is_grads_batched=batched, retain_graph=True,
+                                    allow_unused=True)
+        unused = [name for name, g in zip(self.names, grads) if g is None]
+        if unused:
+            raise ValueError(f"the fork of the heads does not depend on shared parameter(s) "
+                             f"{unused}: pass the layer that produces the representation the "
+                             "heads read")
+        return list(grads)  # type: ignore[arg-type]
+
+    def _gradients_per_task(self, record: Record, cotangents: Tensor | list[Tensor | None]
+                            ) -> list[Tensor]:
+        """One plain vjp of the segment per task; each cotangent is released once used."""
+        pending: list[Tensor | None] = (list(cotangents.unbind(0)) if isinstance(cotangents, Tensor)
+                                        else list(cotangents))
+        per_task: list[list[Tensor] | None] = []
+        for task in range(self.num_tasks):
+            c, pending[task] = pending[task], None
+            per_task.append(None if c is None else self._vjp(record, c, batched=False))
+        return [torch.stack([torch.zeros_like(p) if grads is None else grads[k]
+                             for grads in per_task])
+                for k, p in enumerate(self.params)]
+
+    # ----------------------------------------------------------------- before the backward
+    def gradients_now(self, L_i: Tensor, records: list[Record]) -> list[Tensor] | None:
+        """grad_W L_i for every task, [T, *W.shape] per parameter, from ``records``' forks.
+
+        One backward of sum_i L_i through the heads only (the graph is retained), then the
+        segment at each fork that L_i reaches. None when L_i reaches none of them.
+        """
+        tensors = [t for record in records for t in record.fork_tensors()]
+        found = iter(torch.autograd.grad(L_i, tensors, grad_outputs=torch.ones_like(L_i),
+                                         retain_graph=True, allow_unused=True))
+        total: list[Tensor] | None = None
+        for record in records:
+            if record.stacked is not None:
+                cotangents: Tensor | list[Tensor | None] | None = next(found)
+                reached = cotangents is not None
+            else:
+                cotangents = [None if v is None else next(found) for v in record.views]
+                reached = any(c is not None for c in cotangents)
+            if reached:
+                assert cotangents is not None
+                grads = self._segment_gradients(record, cotangents)
+                total = grads if total is None else [a + b for a, b in zip(total, grads)]
+        return total

@@ -1,0 +1,83 @@
+"""The per-task-gradient pipeline: grad_W L_i for every task, their global mean, their norms.
+
+Every GradNorm step of both APIs goes through :func:`global_norms`: the per-task gradients
+(from :func:`task_gradients`, the fork of the heads, or the wrapper's autograd) are averaged
+over the ranks when a process group is given, then normed.
+"""
+
+from __future__ import annotations
+
+import optree
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from gradnorm_func._checks import check_num_tasks, check_task_vector
+from gradnorm_func._distributed import check_unsharded, is_sharded, sync_task_gradients
+from gradnorm_func._types import BatchSize, LossesFn, Params
+
+
+def task_gradients(params: Params, losses_fn: LossesFn, *, num_tasks: int
+                   ) -> tuple[Tensor, Params]:
+    """Per-task losses L_i and gradients grad_params L_i, without a loop over tasks.
+
+    One ``torch.func.vjp`` of ``losses_fn`` at ``params``, then ``vmap`` of its pullback
+    over the T one-hot cotangents e_i: grad_params L_i = J^T e_i for every i in one pass.
+    Pure, so it composes with ``torch.compile(fullgraph=True)``. The gradients of several
+    micro-batches can be averaged before :func:`step_from_gradients` (gradient accumulation).
+
+    Args:
+        params: pytree of the shared tensors W (e.g. the last shared layer's parameters).
+        losses_fn: maps ``params`` to the Tensor[T] of per-task losses.
+        num_tasks: T, checked against the shape ``losses_fn`` returns.
+
+    Returns:
+        ``(task_losses, task_grads)``: Tensor[T], and a pytree like ``params`` whose leaves
+        carry a leading task axis, [T, *leaf.shape]. A task whose loss does not depend on
+        ``params`` gets zeros, which :func:`update` reports and skips.
+    """
+    check_num_tasks(num_tasks)
+    if any(is_sharded(leaf) for leaf in pytree.tree_flatten(params)[0]):
+        paths, leaves, _ = optree.tree_flatten_with_path(params)  # names, for the error only
+        check_unsharded([(".".join(map(str, path)) or "params", leaf)
+                         for path, leaf in zip(paths, leaves)])
+    if not pytree.tree_flatten(params)[0]:
+        raise ValueError("the shared parameters are empty: pass at least one tensor")
+    task_losses, pullback = torch.func.vjp(losses_fn, params)  # type: ignore[misc, unused-ignore]
+    check_task_vector("losses_fn(params)", task_losses, num_tasks)
+    one_hot = torch.eye(num_tasks, dtype=task_losses.dtype, device=task_losses.device)
+    (task_grads,) = torch.func.vmap(pullback)(one_hot)
+    return task_losses, task_grads
+
+
+def gradient_norms(task_grads: Params) -> Tensor:
+    """n_i = sqrt(sum over leaves and elements of g_i^2) for leaves with a leading task axis.
+
+    Computed in at least float32, so that bfloat16 or float16 gradients do not lose the
+    norm to rounding. Returns Tensor[T].
+    """
+    leaves = pytree.tree_flatten(task_grads)[0]
+    if not leaves:
+        raise ValueError("the shared parameters are empty: pass at least one tensor")
+    squares = [leaf.detach().flatten(1).to(torch.promote_types(leaf.dtype, torch.float32))
+               .square().sum(1) for leaf in leaves]
+    return (squares[0] if len(squares) == 1 else torch.stack(squares).sum(0)).sqrt()
+
+
+def global_norms(task_losses: Tensor, task_grads: Params, *,
+                 process_group: dist.ProcessGroup | None = None, batch_size: BatchSize = None
+                 ) -> tuple[Tensor, Tensor]:
+    """This step's losses and gradient norms, of the global batch when ``process_group`` is set.
+
+    With a group, the per-task gradients and losses are first averaged over its ranks
+    (:func:`sync_task_gradients`, one all-reduce), so that n_i = ||g_i|| is the norm of the
+    global-batch gradient on every rank, not the mean of the per-rank norms.
+
+    Returns:
+        ``(task_losses, norms)``, both Tensor[T].
+    """
+    if process_group is not None:
+        task_grads, task_losses = sync_task_gradients(
+            task_grads, task_losses, process_group=process_group, batch_size=batch_size)
+    return task_losses, gradient_norms(task_grads)

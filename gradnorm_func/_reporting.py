@@ -1,0 +1,82 @@
+"""Telling the user about skipped updates: a warning in eager code, never a sync in a graph."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from gradnorm_func._objective import GradNormAux
+from gradnorm_func._state import GradNormState
+
+
+class SkippedUpdateWarning(UserWarning):
+    """GradNorm skipped a weight update because an input or its result was bad."""
+
+
+def tracing() -> bool:
+    """Whether the code is being traced by ``torch.compile``, where no value can be read."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
+
+
+def readable(tensor: Tensor) -> bool:
+    """Whether reading ``tensor`` costs no device sync and no graph break: eager, on the CPU."""
+    return (tensor.device.type == "cpu" and not tracing()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+
+
+def skip_summary(state: GradNormState, aux: GradNormAux) -> Tensor:
+    """What a skip message needs, as one float64 vector (one copy to the host):
+    [skipped, skipped_count, update_count, L_grad, valid_losses (T), valid_norms (T),
+    losses (T), norms (T)]."""
+    head = torch.stack([state.skipped.double(), state.skipped_count.double(),
+                        state.update_count.double(), aux.loss_grad.double()])
+    return torch.cat([head, aux.valid_losses.double(), aux.valid_norms.double(),
+                      aux.task_losses.double(), aux.grad_norms.double()])
+
+
+def skip_message(summary: Tensor) -> str | None:
+    """The warning for a :func:`skip_summary` read on the host, or None when the update was
+    applied or this skip need not be announced (only the 1st, 2nd, 4th, 8th, ... is)."""
+    values = summary.tolist()
+    skipped, skipped_count, applied, loss_grad = values[:4]
+    num_tasks = (len(values) - 4) // 4
+    valid_losses, valid_norms, losses, norms = (
+        values[4 + k * num_tasks: 4 + (k + 1) * num_tasks] for k in range(4))
+    count = int(skipped_count)
+    if not skipped or count & (count - 1):
+        return None
+    reasons = []
+    bad_losses = [i for i, ok in enumerate(valid_losses) if not ok]
+    bad_norms = [i for i, ok in enumerate(valid_norms) if not ok]
+    if bad_losses:
+        reasons.append(f"the loss of task(s) {bad_losses} is not finite and positive "
+                       f"({[losses[i] for i in bad_losses]}); the ratio L_i/L_i(0) needs "
+                       "positive losses")
+    if bad_norms:
+        zero = [i for i in bad_norms if norms[i] == 0]
+        reasons.append(f"the gradient norm at W of task(s) {bad_norms} is not finite and "
+                       f"positive ({[norms[i] for i in bad_norms]})" + (
+                           f"; a zero norm means W is not shared by task(s) {zero} (pass the "
+                           "last layer that every task uses)" if zero else ""))
+    if not reasons:
+        reasons.append(f"the new weights were not finite and positive (L_grad = {loss_grad}): "
+                       "lower lr or alpha")
+    return (f"GradNorm skipped a weight update ({count} skipped, {int(applied)} applied so "
+            f"far): {'; '.join(reasons)}. The weights keep their values; state.skipped and "
+            "state.skipped_count record every skip.")
+
+
+def warn_if_skipped(state: GradNormState, aux: GradNormAux) -> None:
+    """Warns (:class:`SkippedUpdateWarning`) about a skipped update in eager CPU code.
+
+    Anywhere else reading the flag would sync the device or break the graph, so only
+    ``state.skipped`` and ``state.skipped_count`` report it there (the stateful ``GradNorm``
+    reads them later without a sync and warns on CUDA too).
+    """
+    if readable(state.skipped) and bool(state.skipped):
+        message = skip_message(skip_summary(state, aux))
+        if message is not None:
+            warnings.warn(message, SkippedUpdateWarning, stacklevel=3)
