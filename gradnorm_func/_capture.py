@@ -27,8 +27,8 @@ from gradnorm_func._segments import (
     LayerCall,
     activation_derivative,
     elementwise_activation,
+    closed_form_layer,
     layer_task_gradients,
-    supports_closed_form,
 )
 
 _LOOP_TASKS = 4  # up to this many tasks, one vjp per task beats one batched vjp (measured)
@@ -75,8 +75,7 @@ class TaskFork:
         self.num_tasks = num_tasks
         self.recording = recording
         self.pending: list[Record] = []
-        self._layer = layer if layer is not None and supports_closed_form(layer, self.params) \
-            else None
+        self._layer = closed_form_layer(layer, self.params)
         self._layer_calls: list[LayerCall] = []  # calls of the layer since the last record
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         if self._layer is not None:
@@ -194,7 +193,7 @@ class TaskFork:
             raise ValueError(f"the fork of the heads does not depend on shared parameter(s) "
                              f"{unused}: pass the layer that produces the representation the "
                              "heads read")
-        return list(grads)  # type: ignore[arg-type]
+        return [g for g in grads if g is not None]
 
     def _gradients_per_task(self, record: Record, cotangents: Tensor | list[Tensor | None]
                             ) -> list[Tensor]:

@@ -15,7 +15,7 @@ Any other segment goes through the generic vjp of :mod:`gradnorm_func._capture`.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 _ELEMENTWISE = {"Relu", "LeakyRelu", "Gelu", "Silu", "Sigmoid", "Tanh", "Elu", "Hardtanh",
                 "Softplus", "Mish", "Hardswish", "Hardsigmoid"}
 _CONV_CHUNK_ELEMENTS = 1 << 22  # task-stacked cotangent elements per weight-gradient conv
+ClosedFormLayer = Union[nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d]
 
 
 class LayerCall(NamedTuple):
@@ -33,18 +34,17 @@ class LayerCall(NamedTuple):
     output_node: torch.autograd.graph.Node
 
 
-def supports_closed_form(layer: object, params: list[Tensor]) -> bool:
-    """Whether ``layer`` is a Linear or an ungrouped, zero-padded Conv1d/2d/3d whose trainable
+def closed_form_layer(layer: object, params: list[Tensor]) -> ClosedFormLayer | None:
+    """``layer`` if it is a Linear or an ungrouped, zero-padded Conv1d/2d/3d whose trainable
     parameters are exactly ``params`` (its weight, and its bias when that is trainable)."""
-    if isinstance(layer, nn.Linear):
-        pass
-    elif isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            return False
-    else:
-        return False
+            return None
+    elif not isinstance(layer, nn.Linear):
+        return None
     own = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
-    return [id(p) for p in own if p.requires_grad] == [id(p) for p in params]
+    same = [id(p) for p in own if p.requires_grad] == [id(p) for p in params]
+    return layer if same else None
 
 
 def elementwise_activation(z: Tensor, call: LayerCall) -> tuple[bool, torch.autograd.graph.Node | None]:
@@ -68,14 +68,16 @@ def activation_derivative(z: Tensor, activation: torch.autograd.graph.Node | Non
     Must run before the backward has executed the activation's node."""
     if activation is None:
         return None
-    return activation(torch.ones_like(z))  # type: ignore[no-any-return]
+    derivative: Tensor = activation(torch.ones_like(z))  # type: ignore[operator]
+    return derivative
 
 
-def layer_task_gradients(layer: nn.Module, inputs: Tensor, cotangents: Tensor) -> list[Tensor]:
+def layer_task_gradients(layer: ClosedFormLayer, inputs: Tensor, cotangents: Tensor
+                         ) -> list[Tensor]:
     """grad_W (a_i L_i) for every task from the cotangents at the layer's output.
 
     Args:
-        layer: the Linear or ConvNd of :func:`supports_closed_form`.
+        layer: the Linear or ConvNd of :func:`closed_form_layer`.
         inputs: h, the layer's input.
         cotangents: Tensor[T, *y.shape], a_i dL_i/dy for each task.
 
@@ -94,20 +96,20 @@ def layer_task_gradients(layer: nn.Module, inputs: Tensor, cotangents: Tensor) -
             grads.append(c.sum(1))
         return grads
     conv = layer
-    assert isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
     spatial = weight.dim() - 2  # cotangents: [T, N, C_out, *spatial]
     if inputs.dim() == spatial + 1:  # an unbatched input: add the batch axis
         inputs, cotangents = inputs.unsqueeze(0), cotangents.unsqueeze(1)
     batch, channels = cotangents.shape[1:3]
     chunk = max(1, _CONV_CHUNK_ELEMENTS // max(1, cotangents[0].numel()))
     weight_grads = []
-    for part in cotangents.split(chunk):
+    for part in torch.split(cotangents, chunk):
         tasks = part.shape[0]
         grad_out = part.transpose(0, 1).reshape(batch, tasks * channels, *part.shape[3:])
         stand_in = grad_out.new_empty(1).expand(tasks * channels, *weight.shape[1:])
         weight_grads.append(torch.ops.aten.convolution_backward(
-            grad_out, inputs, stand_in, None, list(conv.stride), list(conv.padding),
-            list(conv.dilation), False, [0] * spatial, 1, [False, True, False])[1]
+            grad_out, inputs, stand_in, None, list(conv.stride),
+            list(conv.padding), list(conv.dilation),
+            False, [0] * spatial, 1, [False, True, False])[1]
             .view(tasks, *weight.shape))
     grads = [torch.cat(weight_grads) if len(weight_grads) > 1 else weight_grads[0]]
     if train_bias:

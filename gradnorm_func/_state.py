@@ -109,8 +109,8 @@ def init_state(
     check_state_dtype("dtype", dtype)
 
     def vector(name: str, value: TaskVectorLike) -> Tensor:
-        try:
-            tensor = torch.as_tensor(value)
+        try:  # Python numbers straight into ``dtype``: no detour through float32
+            tensor = value if isinstance(value, Tensor) else torch.as_tensor(value, dtype=dtype)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"{name} must be a Tensor or a sequence of {num_tasks} numbers, "
                             f"got {value!r}") from None

@@ -38,6 +38,7 @@ def named_shared_params(layer: SharedLayer) -> list[tuple[str, Tensor]]:
         TypeError: ``layer`` is none of these.
         ValueError: it holds no tensor that requires grad.
     """
+    named: list[tuple[str, Tensor]]
     if isinstance(layer, nn.Module):
         named = [(name, p) for name, p in layer.named_parameters() if p.requires_grad]
     elif isinstance(layer, Tensor):
@@ -199,7 +200,7 @@ class GradNorm(nn.Module):
         self.process_group = process_group
         self.sync = sync
         self.local_batch_size = local_batch_size
-        self._steps = 0  # GradNorm steps (windows) begun; ``steps`` mirrors it for checkpoints
+        self._steps = 0  # GradNorm steps (windows) begun; ``steps`` holds it in checkpoints
         self._micro_batches = 0  # micro-batches of the current window seen so far
         self._sums: tuple[Tensor, list[Tensor], int] | None = None  # the window's L, grads, count
         self._pending: tuple[Tensor, GradNormAux] | None = None  # gradnorm() -> apply_grads()
@@ -246,7 +247,12 @@ class GradNorm(nn.Module):
         def move_only(t: Tensor) -> Tensor:
             device = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
             return t.to(device)
-        return super()._apply(move_only, recurse)  # type: ignore[no-any-return]
+        return super()._apply(move_only, recurse)  # type: ignore[no-untyped-call, no-any-return, unused-ignore]
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
+        self.steps = torch.tensor(self._steps, device=self.weights.device)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any,
                               **kwargs: Any) -> None:
@@ -279,7 +285,6 @@ class GradNorm(nn.Module):
         if last:
             self._micro_batches = 0
             self._steps += 1
-            self.steps.fill_(self._steps)
         return due, last
 
     def _accumulate(self, task_losses: Tensor, grads: list[Tensor], last: bool) -> None:
@@ -315,15 +320,16 @@ class GradNorm(nn.Module):
     def _warn_later(self, state: GradNormState, aux: GradNormAux) -> None:
         """On CUDA, where reading the skip flag would sync, copy its summary to the host
         asynchronously and warn once the copy has landed (the core warns on the CPU)."""
-        ready = [summary for event, summary in self._deferred if event.query()]
-        self._deferred = [(e, s) for e, s in self._deferred if not e.query()]
+        done = [bool(event.query()) for event, _ in self._deferred]  # type: ignore[no-untyped-call, unused-ignore]
+        ready = [summary for (_, summary), landed in zip(self._deferred, done) if landed]
+        self._deferred = [item for item, landed in zip(self._deferred, done) if not landed]
         for summary in ready:
             message = skip_message(summary)
             if message is not None:
                 warnings.warn(message, SkippedUpdateWarning, stacklevel=3)
         if state.skipped.device.type == "cuda" and not readable(state.skipped):
             summary = skip_summary(state, aux).to("cpu", non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call, unused-ignore]
             event.record()
             self._deferred.append((event, summary))
 
@@ -342,7 +348,7 @@ class GradNorm(nn.Module):
                 if unused:
                     raise ValueError(f"the task losses do not depend on shared parameter(s) "
                                      f"{unused}: pass the last layer that every task uses")
-                grads = list(found)  # type: ignore[arg-type]
+                grads = [g for g in found if g is not None]
         except RuntimeError as error:
             if FREED_GRAPH not in str(error):
                 raise
@@ -386,7 +392,7 @@ class GradNorm(nn.Module):
     def _on_loss_gradient(self, ticket: _Ticket, grad: Tensor) -> None:
         if ticket.coefficients is None:  # a second backward through the same graph adds nothing
             ticket.coefficients = grad.detach()
-            torch.autograd.Variable._execution_engine.queue_callback(  # type: ignore[attr-defined]
+            torch.autograd.Variable._execution_engine.queue_callback(
                 partial(self._after_backward, ticket))
 
     def _after_backward(self, ticket: _Ticket) -> None:

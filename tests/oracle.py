@@ -15,16 +15,19 @@ import torch
 class NaiveGradNorm:
     def __init__(self, num_tasks: int, *, alpha: float, lr: float, optimizer: str,
                  warmup_steps: int = 0, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, min_weight: float = 1e-3) -> None:
+                 eps: float = 1e-8, min_weight: float = 1e-3,
+                 initial_weights: Sequence[float] | None = None,
+                 initial_losses: Sequence[float] | None = None) -> None:
         self.T = num_tasks
         self.alpha, self.lr, self.optimizer, self.warmup = alpha, lr, optimizer, warmup_steps
         self.b1, self.b2 = betas
         self.eps, self.floor = eps, min_weight
-        self.w = [1.0] * num_tasks
+        self.w = [1.0] * num_tasks if initial_weights is None else [float(w) for w in initial_weights]
+        self.total = sum(self.w)
         self.m = [0.0] * num_tasks
         self.v = [0.0] * num_tasks
         self.t = 0
-        self.L0: list[float] | None = None
+        self.L0: list[float] | None = None if initial_losses is None else [float(l) for l in initial_losses]
 
     def norms(self, losses: torch.Tensor, shared: Sequence[torch.Tensor]) -> list[float]:
         out = []
@@ -59,5 +62,5 @@ class NaiveGradNorm:
                 new.append(self.w[i] - lr * grad[i])
         new = [max(x, self.floor) for x in new]
         total = sum(new)
-        self.w = [x * self.T / total for x in new]
+        self.w = [x * self.total / total for x in new]
         return self.w

@@ -1,204 +1,248 @@
-"""The fast paths (fork of the heads) give the weights of the general path and the naive loop."""
+"""The fork fast path: every segment type gives the norms of a per-task autograd loop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from multitask import MultiTaskNet, task_data, task_losses
+import torch.nn.functional as F
 from oracle import NaiveGradNorm
 from torch import Tensor, nn
-from torch.func import functional_call
 
 import gradnorm_func as gf
+from gradnorm_func.repro.toy import ToyMultiTaskNet, per_task_mse, toy_regression
 
 T = 3
 
 
-class StackedNet(nn.Module):
-    """trunk -> shared Linear -> tanh -> heads stacked as one [T, 1, hidden] weight, via fork."""
+class ForkNet(nn.Module):
+    """trunk -> ``layer`` -> ``between`` (the rest of the shared segment) -> fork -> heads.
 
-    def __init__(self, num_tasks: int = T, dim: int = 6, hidden: int = 16) -> None:
+    The heads are separate modules (``heads=``) or read ``self.fork(z)`` (stacked fork).
+    Every head maps z to a scalar per sample through a flatten and a linear map.
+    """
+
+    def __init__(self, layer: nn.Module, between: nn.Module, trunk: nn.Module, z_numel: int,
+                 *, sizes: tuple[int, ...] = (1,) * T) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
-        self.shared = nn.Linear(hidden, hidden)
-        self.head_weight = nn.Parameter(torch.randn(num_tasks, 1, hidden) * 0.3)
-        self.fork = lambda z: z.expand(num_tasks, *z.shape)  # replaced by gn.fork in tests
-
-    def forward(self, x: Tensor) -> Tensor:
-        z_t = self.fork(torch.tanh(self.shared(self.trunk(x))))  # [T, B, hidden]
-        return torch.einsum("tbh,toh->bt", z_t, self.head_weight)
-
-
-class ShapedNet(nn.Module):
-    """Separate heads of different output shapes (1, 3 and 2 outputs) after a shared ReLU."""
-
-    def __init__(self, dim: int = 6, hidden: int = 16) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
-        self.shared = nn.Linear(hidden, hidden)
-        self.heads = nn.ModuleList([nn.Linear(hidden, 1), nn.Sequential(nn.Linear(hidden, 3), nn.Tanh()),
-                                    nn.Linear(hidden, 2)])
+        self.trunk, self.layer, self.between = trunk, layer, between
+        self.heads = nn.ModuleList(nn.Sequential(nn.Flatten(), nn.Linear(z_numel, size))
+                                   for size in sizes)
+        self.fork = None
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        z = torch.relu(self.shared(self.trunk(x)))
-        return [head(z) for head in self.heads]
+        z = self.between(self.layer(self.trunk(x)))
+        views = [z] * len(self.heads) if self.fork is None else list(self.fork(z).unbind(0))
+        return [head(v) for head, v in zip(self.heads, views)]
 
 
-def shaped_losses(outs: list[Tensor], y: Tensor) -> Tensor:
-    return torch.stack([((out - y[:, i:i + 1]) ** 2).mean() * (10.0 ** i) for i, out in enumerate(outs)])
+def losses_of(outputs: list[Tensor], y: Tensor) -> Tensor:
+    """Squared losses of different scales, L_i = 10^i mean (out_i - y_i)^2."""
+    return torch.stack([(out - y[:, i:i + out.shape[1]]).square().mean() * 10.0 ** i
+                        for i, out in enumerate(outputs)])
 
 
-def stacked_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return ((model(x) - y) ** 2).mean(0)
+def linear(between: nn.Module, *, bias: bool = True, tokens: int = 0) -> tuple[ForkNet, Tensor]:
+    trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+    x = torch.randn(12, tokens, 5) if tokens else torch.randn(12, 5)
+    return ForkNet(nn.Linear(8, 6, bias=bias), between, trunk, 6 * max(tokens, 1)), x
 
 
-MODELS = {
-    "separate heads": (lambda: MultiTaskNet(T), task_losses, True),
-    "heads of different shapes": (ShapedNet, lambda m, x, y: shaped_losses(m(x), y), True),
-    "stacked heads": (StackedNet, stacked_losses, False),
+def conv(kind: str, between: nn.Module) -> tuple[ForkNet, Tensor]:
+    if kind == "conv1d":
+        trunk, layer = nn.Conv1d(2, 3, 3, padding=1), nn.Conv1d(3, 4, 3, stride=2, padding=2,
+                                                                dilation=2)
+        x = torch.randn(6, 2, 9)
+    else:
+        trunk, layer = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 4, (3, 2), stride=(2, 1),
+                                                                padding=(1, 0))
+        x = torch.randn(6, 2, 7, 5)
+    with torch.no_grad():
+        z_numel = between(layer(trunk(x)))[0].numel()
+    return ForkNet(layer, between, trunk, z_numel), x
+
+
+SEGMENTS = {  # name -> (model and input, closed form expected)
+    "linear": (lambda: linear(nn.Identity()), True),
+    "linear, no bias": (lambda: linear(nn.Identity(), bias=False), True),
+    "linear + relu": (lambda: linear(nn.ReLU()), True),
+    "linear + gelu": (lambda: linear(nn.GELU()), True),
+    "linear + tanh": (lambda: linear(nn.Tanh()), True),
+    "linear + silu": (lambda: linear(nn.SiLU()), True),
+    "linear + leaky relu": (lambda: linear(nn.LeakyReLU(0.1)), True),
+    "linear on tokens + gelu": (lambda: linear(nn.GELU(), tokens=4), True),
+    "conv1d + relu": (lambda: conv("conv1d", nn.ReLU()), True),
+    "conv2d": (lambda: conv("conv2d", nn.Identity()), True),
+    "conv2d + sigmoid": (lambda: conv("conv2d", nn.Sigmoid()), True),
+    "linear + layernorm (generic vjp)": (lambda: linear(nn.LayerNorm(6)), False),
+    "linear + relu + dropout-free scale (generic vjp)": (
+        lambda: linear(nn.Sequential(nn.ReLU(), nn.Hardtanh(-0.5, 0.5), nn.Tanh())), False),
 }
 
 
-def train(name: str, flow: str, steps: int = 12):
-    """SGD with GradNorm (Adam on the weights); returns weights, oracle weights, model grads."""
+def run(name: str, fork: str, flow: str, steps: int = 6, scale: float = 1.0):
+    """GradNorm on a fixed batch with the model frozen (the norms change only through w and
+    the recorded L_i(0)); returns the norms and weights per step, and the oracle's."""
     torch.manual_seed(0)
-    make, losses, separate = MODELS[name]
-    model = make().double()
-    x, y = task_data(T, dtype=torch.float64)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    if flow == "general":
-        gn = gf.GradNorm(model.shared, 0.12, T, lr=0.05, optimizer="adam", dtype=torch.float64)
-    elif separate:
-        gn = gf.GradNorm(model.shared, 0.12, T, lr=0.05, optimizer="adam", dtype=torch.float64,
-                         heads=model.heads)
-    else:
-        gn = gf.GradNorm(model.shared, 0.12, T, lr=0.05, optimizer="adam", dtype=torch.float64)
+    make, _ = SEGMENTS[name]
+    model, x = make()
+    model = model.double()
+    x = x.double()
+    y = torch.randn(x.shape[0], 3, dtype=torch.float64)
+    gn = gf.GradNorm(model.layer, 0.12, T, lr=0.05, dtype=torch.float64,
+                     heads=model.heads if fork == "heads" else None)
+    if fork == "stacked":
         model.fork = gn.fork
     oracle = NaiveGradNorm(T, alpha=0.12, lr=0.05, optimizer="adam")
-    weights, expected, model_grads = [], [], []
+    shared = list(model.layer.parameters())
+    norms, weights, expected_norms, expected = [], [], [], []
     for _ in range(steps):
-        opt.zero_grad()
-        L_ref = losses(model, x, y)  # the oracle's own forward; the fork is the latest forward's
-        expected.append(oracle.step(L_ref.tolist(), oracle.norms(L_ref, list(model.shared.parameters()))))
-        L_i = losses(model, x, y)
-        loss = (gn.w_i * L_i).sum()
-        if flow == "after":
-            loss.backward()
-            gn.step(L_i)
-        elif flow == "seed":
-            loss.backward(retain_graph=True)
-            gn.apply_grads(gn.gradnorm(L_i))
-        else:  # "before" and "general": the recommended flow
-            gn.step(L_i)
-            loss.backward()
-        model_grads.append([p.grad.clone() for p in model.parameters()])
-        opt.step()
-        weights.append(gn.w_i)
-    return torch.stack(weights), torch.tensor(expected, dtype=torch.float64), model_grads
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("flow", ["after", "before", "seed"])
-def test_fast_path_equals_general_path_and_naive_loop(name, flow):
-    fast, expected, fast_grads = train(name, flow)
-    general, _, general_grads = train(name, "general")
-    torch.testing.assert_close(fast, expected, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(fast, general, rtol=1e-9, atol=1e-12)
-    for fast_step, general_step in zip(fast_grads, general_grads):
-        for a, b in zip(fast_step, general_step):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    assert (fast[-1] - 1).abs().max() > 1e-2
-
-
-@pytest.mark.parametrize("flow", ["after", "before"])
-def test_fast_path_leaves_model_gradients_bit_identical(flow):
-    torch.manual_seed(0)
-    model = MultiTaskNet(T).double()
-    x, y = task_data(T, dtype=torch.float64)
-    gn = gf.GradNorm(model.shared, 1.5, T, lr=0.05, heads=model.heads)
-    for _ in range(3):
-        model.zero_grad()
-        (gn.w_i * task_losses(model, x, y)).sum().backward()  # same graph, no GradNorm call
-        reference = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad()
-        L_i = task_losses(model, x, y)
-        loss = (gn.w_i * L_i).sum()
-        if flow == "after":
-            loss.backward()
-            gn.step(L_i)
+        L_ref = losses_of(model(x), y)
+        expected_norms.append(oracle.norms(L_ref, shared))
+        expected.append(oracle.step(L_ref.tolist(), expected_norms[-1]))
+        L_i = losses_of(model(x), y)
+        if flow == "forward":
+            (gn(L_i) * scale).backward()
         else:
+            loss = (gn.w_i * L_i).sum()
             gn.step(L_i)
             loss.backward()
-        for p, g in zip(model.parameters(), reference):
-            assert torch.equal(p.grad, g)
+        model.zero_grad()
+        norms.append(gn.aux.grad_norms)
+        weights.append(gn.w_i)
+    return (torch.stack(norms), torch.stack(weights),
+            torch.tensor(expected_norms, dtype=torch.float64),
+            torch.tensor(expected, dtype=torch.float64))
 
 
-def test_fork_norms_equal_task_gradient_norms():
-    """Functional path: one grad over (params, probe) gives the model gradient and the norms."""
-    torch.manual_seed(0)
-    model = ShapedNet().double()
-    x, y = task_data(T, dtype=torch.float64)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    weights = torch.tensor([0.5, 2.0, 0.5], dtype=torch.float64)
-    shared = {k[len("shared."):]: v for k, v in params.items() if k.startswith("shared.")}
-
-    def segment(p: dict, h: Tensor) -> Tensor:
-        return torch.relu(functional_call(model.shared, p, (h,)))
-
-    def head_outputs(p: dict, z_t: Tensor) -> list[Tensor]:
-        return [functional_call(model.heads[i], {k[len(f"heads.{i}."):]: v for k, v in p.items()
-                                                 if k.startswith(f"heads.{i}.")}, (z,))
-                for i, z in enumerate(z_t.unbind(0))]
-
-    def weighted_loss(p: dict, probe: Tensor):
-        h = functional_call(model.trunk, {k[6:]: v for k, v in p.items() if k.startswith("trunk.")}, (x,))
-        shared_p = {k[len("shared."):]: v for k, v in p.items() if k.startswith("shared.")}
-        L_i = shaped_losses(head_outputs(p, gf.fork(segment(shared_p, h), probe)), y)
-        return (weights * L_i).sum(), (L_i, h)
-
-    probe = gf.fork_probe(T, (x.shape[0], 16), dtype=torch.float64)
-    (grads, fork_grads), (L_i, h) = torch.func.grad(weighted_loss, argnums=(0, 1), has_aux=True)(
-        params, probe)
-    norms = gf.fork_norms(segment, shared, h, fork_grads, weights)
-
-    def losses_of(p: dict) -> Tensor:
-        return shaped_losses(functional_call(model, p, (x,)), y)
-
-    expected_losses, expected_norms = gf.task_gradient_norms(
-        shared, lambda w: losses_of({**params, **{f"shared.{k}": v for k, v in w.items()}}),
-        num_tasks=T)
-    expected_grads = torch.func.grad(lambda p: (weights * losses_of(p)).sum())(params)
+@pytest.mark.parametrize("name", list(SEGMENTS))
+@pytest.mark.parametrize("fork,flow", [("heads", "forward"), ("stacked", "forward"),
+                                       ("heads", "before"), ("none", "forward")])
+def test_every_segment_gives_the_norms_of_a_per_task_loop(name, fork, flow):
+    norms, weights, expected_norms, expected = run(name, fork, flow)
     torch.testing.assert_close(norms, expected_norms, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(L_i, expected_losses)
-    for k in params:
-        torch.testing.assert_close(grads[k], expected_grads[k], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(weights, expected, rtol=1e-9, atol=1e-12)
+    assert (weights[-1] - 1).abs().max() > 1e-3
 
 
-def test_fork_errors_name_the_problem():
-    with pytest.raises(ValueError, match=r"probe must have shape \(T, \*\(4, 2\)\)"):
-        gf.fork(torch.zeros(4, 2), torch.zeros(3, 4, 3))
-    with pytest.raises(ValueError, match="num_tasks.*0"):
-        gf.fork_probe(0, (2,))
-    model = MultiTaskNet(3)
-    with pytest.raises(ValueError, match=r"one module per task \(2\), got 3"):
-        gf.GradNorm(model.shared, 1.5, 2, heads=model.heads)
+@pytest.mark.parametrize("name", ["linear + relu", "conv2d", "linear + layernorm (generic vjp)"])
+def test_closed_form_and_generic_segments_are_chosen_as_documented(name):
+    """The closed form applies to a Linear/ConvNd followed by at most one elementwise
+    activation; a LayerNorm in between takes the generic vjp (no re-entrant autograd in the
+    closed form: torch.autograd.grad is never called during the backward)."""
+    make, closed = SEGMENTS[name]
+    model, x = make()
+    gn = gf.GradNorm(model.layer, 0.12, T, heads=model.heads)
+    calls = []
+    original = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    torch.autograd.grad = counting_grad
+    try:
+        gn(losses_of(model(x), torch.randn(x.shape[0], 3))).backward()
+    finally:
+        torch.autograd.grad = original
+    assert (len(calls) == 0) == closed
+    assert int(gn.update_count) == 1
 
 
-def test_tasks_in_chunks_give_the_same_weights(monkeypatch):
-    """Large activations are processed a few tasks at a time; the result does not change."""
-    whole, expected, _ = train("heads of different shapes", "after")
-    monkeypatch.setattr("gradnorm_func.capture._CHUNK_ELEMENTS", 1)
-    chunked, _, _ = train("heads of different shapes", "after")
-    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(chunked, expected, rtol=1e-9, atol=1e-12)
+def test_scaled_loss_gives_the_weights_of_the_unscaled_one():
+    """The coefficient of each L_i is read from the backward: a loss scaled by 1024 or by 1/8
+    gives the same norms as the unscaled loss, on the fast path and the general path."""
+    reference = run("linear + relu", "heads", "forward")
+    for fork in ("heads", "stacked", "none"):
+        for scale in (1024.0, 0.125):
+            scaled = run("linear + relu", fork, "forward", scale=scale)
+            torch.testing.assert_close(scaled[0], reference[0], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(scaled[1], reference[1], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_one_vjp_per_task_and_batched_vjp_agree(name, monkeypatch):
-    """The per-task loop (small T) and the batched vjp (larger T) give the same weights."""
-    monkeypatch.setattr("gradnorm_func.capture._LOOP_TASKS", 0)
-    batched, expected, _ = train(name, "after")
-    monkeypatch.setattr("gradnorm_func.capture._LOOP_TASKS", T)
-    looped, _, _ = train(name, "after")
-    torch.testing.assert_close(looped, batched, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(looped, expected, rtol=1e-9, atol=1e-12)
+def test_extra_loss_terms_through_the_heads_leave_the_norms_exact():
+    """loss = gn(L_i) + 5 L_0 + 0.1 ||trunk output||^2: the cotangent of task 0 at the fork
+    is (w_0 + 5) dL_0/dz, and GradNorm divides by exactly that coefficient."""
+    torch.manual_seed(0)
+    model, x = linear(nn.ReLU())
+    model = model.double()
+    x, y = x.double(), torch.randn(12, 3, dtype=torch.float64)
+    gn = gf.GradNorm(model.layer, 0.12, T, dtype=torch.float64, heads=model.heads)
+    shared = list(model.layer.parameters())
+    for _ in range(4):
+        L_ref = losses_of(model(x), y)
+        expected = torch.tensor(NaiveGradNorm(T, alpha=0.1, lr=0.1, optimizer="sgd").norms(
+            L_ref, shared), dtype=torch.float64)
+        L_i = losses_of(model(x), y)
+        (gn(L_i) + 5 * L_i[0] + 0.1 * model.trunk(x).square().mean()).backward()
+        torch.testing.assert_close(gn.aux.grad_norms, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_model_gradients_are_those_of_the_weighted_sum_on_every_path():
+    """GradNorm never sends gradient into the model: its gradients are those of
+    sum_i w_i(t) L_i computed on a copy without GradNorm, bit for bit without a fork (with a
+    fork, the T views of z change only the order in which the heads' cotangents are summed)."""
+    for fork in ("heads", "stacked", "none"):
+        torch.manual_seed(0)
+        model, x = linear(nn.GELU())
+        reference, _ = linear(nn.GELU())
+        reference.load_state_dict(model.state_dict())
+        model, reference, x = model.double(), reference.double(), x.double()
+        y = torch.randn(12, 3, dtype=torch.float64)
+        gn = gf.GradNorm(model.layer, 0.12, T, heads=model.heads if fork == "heads" else None)
+        if fork == "stacked":
+            model.fork = gn.fork
+        for _ in range(3):
+            w = gn.w_i.clone()
+            gn(losses_of(model(x), y)).backward()
+            (w * losses_of(reference(x), y)).sum().backward()
+            for p, q in zip(model.parameters(), reference.parameters()):
+                if fork == "none":
+                    assert torch.equal(p.grad, q.grad)
+                else:
+                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-13, atol=1e-15)
+            model.zero_grad()
+            reference.zero_grad()
+
+
+@pytest.mark.parametrize("tasks,hidden", [(8, 16), (8, 2048)])
+def test_many_tasks_batched_and_chunked_generic_vjp_equals_the_loop(tasks, hidden):
+    """Above four tasks the generic segment vjp is batched, in chunks when the cotangents
+    are large; the norms equal those of a per-task autograd loop."""
+    torch.manual_seed(0)
+    model = ToyMultiTaskNet(tasks, input_dim=6, hidden=hidden, depth=2, output_dim=2).double()
+    x, y = toy_regression(torch.logspace(0, 2, tasks), 32, input_dim=6, output_dim=2, seed=0)
+    x, y = x.double(), y.double()
+    # A tensor (not a module) as W forces the generic vjp.
+    gn = gf.GradNorm([model.last_shared_layer.weight, model.last_shared_layer.bias], 0.12, tasks,
+                     dtype=torch.float64)
+    model.fork = gn.fork
+    L_ref = per_task_mse(model(x), y)
+    expected = NaiveGradNorm(tasks, alpha=0.1, lr=0.1, optimizer="sgd").norms(
+        L_ref, list(model.last_shared_layer.parameters()))
+    gn(per_task_mse(model(x), y)).backward()
+    torch.testing.assert_close(gn.aux.grad_norms, torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_functional_fork_gradients_equal_task_gradients():
+    """fork_gradients from one training gradient equals task_gradients (vjp + vmap)."""
+    torch.manual_seed(0)
+    layer, heads = nn.Linear(8, 6), torch.randn(T, 6) * 0.5
+    h, y = torch.randn(16, 8), torch.randn(16, T)
+    shared = dict(layer.named_parameters())
+    weights = torch.tensor([0.5, 1.0, 1.5])
+
+    def segment(p: dict, inputs: Tensor) -> Tensor:
+        return F.gelu(torch.func.functional_call(layer, p, (inputs,)))
+
+    def losses(z_t: Tensor) -> Tensor:
+        return (torch.einsum("tbh,th->bt", z_t, heads) - y).square().mean(0)
+
+    probe = gf.fork_probe(T, (16, 6))
+    cotangents = torch.func.grad(lambda q: (3.0 * weights * losses(gf.fork(segment(shared, h), q)))
+                                 .sum())(probe)
+    fast = gf.fork_gradients(segment, shared, h, cotangents, 3.0 * weights)
+    _, general = gf.task_gradients(shared, lambda p: losses(segment(p, h).expand(T, -1, -1)),
+                                   num_tasks=T)
+    for key in shared:
+        torch.testing.assert_close(fast[key], general[key], rtol=1e-5, atol=1e-6)

@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import pytest
 import torch
-from drifting import DriftingTasks
+from drifting import SHARED, DriftingTasks
 from oracle import NaiveGradNorm
 
 import gradnorm_func as gf
 
 CONFIGS = [
-    (num_tasks, alpha, optimizer, lr, warmup)
+    (num_tasks, alpha, optimizer, lr, warmup, prior)
     for num_tasks in (2, 3, 7)
     for alpha in (0.0, 0.12, 1.5)
     for optimizer, lr, warmup in (("sgd", 0.02, 0), ("adam", 0.025, 5))
+    for prior in (False, True)
 ]
 
 
-@pytest.mark.parametrize("num_tasks,alpha,optimizer,lr,warmup", CONFIGS)
-def test_step_matches_naive_algorithm_1(num_tasks, alpha, optimizer, lr, warmup):
+@pytest.mark.parametrize("num_tasks,alpha,optimizer,lr,warmup,prior", CONFIGS)
+def test_step_matches_naive_algorithm_1(num_tasks, alpha, optimizer, lr, warmup, prior):
+    """30 steps of drifting losses: norms to 1e-10 and weights to 1e-9 of the float64 oracle,
+    with w_i(0) = 1 (the paper) or positive prior weights whose sum is kept."""
     tasks = DriftingTasks(num_tasks, seed=num_tasks * 100 + int(alpha * 100))
-    oracle = NaiveGradNorm(num_tasks, alpha=alpha, lr=lr, optimizer=optimizer, warmup_steps=warmup)
+    initial = [0.5 + 0.4 * i for i in range(num_tasks)] if prior else None
+    oracle = NaiveGradNorm(num_tasks, alpha=alpha, lr=lr, optimizer=optimizer, warmup_steps=warmup,
+                           initial_weights=initial)
     state = gf.init_state(num_tasks, alpha=alpha, lr=lr, optimizer=optimizer,
-                          warmup_steps=warmup, dtype=torch.float64)
-    names = tasks.shared_names()
+                          warmup_steps=warmup, initial_weights=initial, dtype=torch.float64)
+    names = SHARED
     ratio_spread = 0.0
     for _ in range(30):
         params = tasks.params()
@@ -49,6 +54,39 @@ def test_step_matches_naive_algorithm_1(num_tasks, alpha, optimizer, lr, warmup)
     assert ratio_spread > 1.5
     if num_tasks > 1 and alpha > 0:
         assert not torch.allclose(state.weights, torch.ones(num_tasks, dtype=torch.float64))
+    total = sum(initial) if prior else num_tasks
+    torch.testing.assert_close(state.weights.sum(), torch.tensor(total, dtype=torch.float64))
+
+
+def test_design_card_two_call_form_equals_step():
+    """gradnorm_loss, its gradient in the weights by torch.func.grad, then update(aux=aux):
+    the same states as step(), L_i(0) recorded on the first call."""
+    tasks = DriftingTasks(3, seed=11)
+    state_a = state_b = gf.init_state(3, alpha=1.5, dtype=torch.float64)
+    for _ in range(10):
+        params = tasks.params()
+        shared = {k: params[k] for k in SHARED}
+
+        def losses(p):
+            return tasks.losses_with({**params, **p})
+
+        grads, aux = torch.func.grad(
+            lambda w: gf.gradnorm_loss(state_b._replace(weights=w), shared, losses),
+            has_aux=True)(state_b.weights)
+        state_b = gf.update(state_b, grads, aux=aux)
+        old = state_a.weights
+        state_a, _ = gf.step(state_a, shared, losses)
+        for a, b in zip(gf.state_to_dict(state_a).values(), gf.state_to_dict(state_b).values()):
+            torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-12, atol=1e-12)
+        tasks.advance(old)
+    assert not torch.isnan(state_b.initial_losses).any()
+
+
+def test_update_without_aux_fails_loudly():
+    """update(state, grads) alone would never record L_i(0): it raises, saying what to pass."""
+    state = gf.init_state(2)
+    with pytest.raises(TypeError, match=r"update\(state, grads, aux=aux\)"):
+        gf.update(state, torch.ones(2))
 
 
 def test_inverted_exponent_would_be_caught():
@@ -56,7 +94,7 @@ def test_inverted_exponent_would_be_caught():
     tasks = DriftingTasks(3, seed=7)
     good = NaiveGradNorm(3, alpha=1.5, lr=0.05, optimizer="sgd")
     bad = NaiveGradNorm(3, alpha=-1.5, lr=0.05, optimizer="sgd")
-    names = tasks.shared_names()
+    names = SHARED
     for _ in range(20):
         params = {k: v.clone().requires_grad_(True) for k, v in tasks.params().items()}
         losses = tasks.losses_with(params)
@@ -73,7 +111,7 @@ def test_gradient_of_loss_grad_is_sign_times_norm_and_never_reaches_params():
     state = gf.init_state(4, alpha=1.5, dtype=torch.float64,
                           initial_losses=torch.tensor([0.5, 2.0, 30.0, 900.0]))
     params = {k: v.clone().requires_grad_(True) for k, v in tasks.params().items()}
-    shared = {k: params[k] for k in tasks.shared_names()}
+    shared = {k: params[k] for k in SHARED}
     weights = torch.tensor([0.5, 1.5, 0.7, 1.3], dtype=torch.float64, requires_grad=True)
     loss_grad, aux = gf.gradnorm_loss(state._replace(weights=weights), shared,
                                       lambda p: tasks.losses_with({**params, **p}))

@@ -37,13 +37,21 @@ def run(num_tasks, config, losses, norms, dtype=torch.float64):
     return state
 
 
-@given(trajectories())
-def test_weights_stay_positive_and_sum_to_num_tasks(case):
+@given(trajectories(), st.data())
+def test_weights_stay_positive_and_keep_their_sum(case, data):
+    """Every update leaves positive weights summing to S: T, or the sum of the prior weights."""
     num_tasks, config, losses, norms = case
-    state = run(num_tasks, config, losses, norms, dtype=torch.float32)
-    assert bool((state.weights > 0).all())
-    torch.testing.assert_close(state.weights.sum(), torch.tensor(float(num_tasks)),
-                               rtol=1e-6, atol=1e-6)
+    prior = data.draw(st.none() | st.lists(st.floats(0.05, 5.0), min_size=num_tasks,
+                                           max_size=num_tasks))
+    total = float(num_tasks) if prior is None else sum(prior)
+    config["min_weight"] = min(config["min_weight"], total / num_tasks)
+    state = gf.init_state(num_tasks, dtype=torch.float32, initial_weights=prior, **config)
+    for step_losses, step_norms in zip(losses, norms):
+        state, _ = gf.step_from_norms(state, step_losses, step_norms)
+        assert not bool(state.skipped)
+        assert bool((state.weights > 0).all())
+        torch.testing.assert_close(state.weights.sum(), torch.tensor(total), rtol=1e-5, atol=1e-5)
+    assert int(state.update_count) == len(losses)
 
 
 @given(trajectories(min_tasks=2), st.randoms(use_true_random=False))

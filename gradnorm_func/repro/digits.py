@@ -71,7 +71,7 @@ class DigitsData(NamedTuple):
 
 def load_sources() -> tuple[Tensor, Tensor]:
     """scikit-learn's bundled digits: images [1797, 8, 8] float32 in [0, 1] and labels [1797]."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 
     digits = load_digits()
     return (torch.tensor(digits.images, dtype=torch.float32) / 16,

@@ -68,7 +68,8 @@ def improvement(better: Sequence[float], worse: Sequence[float]) -> dict[str, An
     """Paired comparison over seeds of a quantity where lower is better (e.g. final
     normalised test losses): does ``better`` beat ``worse``?
 
-    ``mean_difference`` is the mean of worse - better; ``wins`` counts the seeds where it is
+    ``mean_difference`` is the mean of worse - better (``relative_improvement`` divides it by
+    the mean of ``worse``; None when that is 0); ``wins`` counts the seeds where it is
     positive; ``holds`` needs a positive mean and sign test p <= 0.05.
     """
     diffs = [w - b for b, w in zip(better, worse)]
@@ -77,7 +78,7 @@ def improvement(better: Sequence[float], worse: Sequence[float]) -> dict[str, An
     mean_diff = sum(diffs) / len(diffs)
     mean_better, mean_worse = sum(better) / len(better), sum(worse) / len(worse)
     return {"mean_better": mean_better, "mean_worse": mean_worse, "mean_difference": mean_diff,
-            "relative_improvement": mean_diff / mean_worse, "wins": wins, "seeds": len(diffs),
+            "relative_improvement": mean_diff / mean_worse if mean_worse else None, "wins": wins, "seeds": len(diffs),
             "sign_test_p": p, "holds": bool(mean_diff > 0 and p <= SIGN_TEST_LEVEL)}
 
 
