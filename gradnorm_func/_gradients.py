@@ -60,9 +60,13 @@ def gradient_norms(task_grads: Params) -> Tensor:
     leaves = pytree.tree_flatten(task_grads)[0]
     if not leaves:
         raise ValueError("the shared parameters are empty: pass at least one tensor")
-    squares = [leaf.detach().flatten(1).to(torch.promote_types(leaf.dtype, torch.float32))
-               .square().sum(1) for leaf in leaves]
-    return (squares[0] if len(squares) == 1 else torch.stack(squares).sum(0)).sqrt()
+    def norm(tensor: Tensor, dim: int) -> Tensor:
+        dtype = torch.promote_types(tensor.dtype, torch.float32)
+        result: Tensor = torch.linalg.vector_norm(tensor, dim=dim, dtype=dtype)
+        return result
+
+    norms = [norm(leaf.detach().flatten(1), 1) for leaf in leaves]
+    return norms[0] if len(norms) == 1 else norm(torch.stack(norms), 0)
 
 
 def global_norms(task_losses: Tensor, task_grads: Params, *,

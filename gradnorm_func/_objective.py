@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gradnorm_func._checks import check_task_vector
+from gradnorm_func._checks import check_state_dtype, check_task_vector
 from gradnorm_func._gradients import global_norms, task_gradients
 from gradnorm_func._state import GradNormState
 from gradnorm_func._types import BatchSize, LossesFn, Params
@@ -24,8 +24,16 @@ class GradNormAux(NamedTuple):
     loss_ratios: Tensor  # [T] r_i(t) = Ltilde_i(t) / mean_j Ltilde_j(t)
     loss_grad: Tensor  # [] L_grad(t) = sum_i |G_i(t) - target_i(t)|
     initial_losses: Tensor  # [T] L_i(0) in use: the recorded ones, else this step's losses
-    valid_losses: Tensor  # [T] bool: L_i(t) finite and positive
-    valid_norms: Tensor  # [T] bool: ||grad_W L_i(t)|| finite and positive (W shared by task i)
+
+    @property
+    def valid_losses(self) -> Tensor:
+        """[T] bool: L_i(t) finite and positive, as the ratio L_i / L_i(0) needs."""
+        return torch.isfinite(self.task_losses) & (self.task_losses > 0)
+
+    @property
+    def valid_norms(self) -> Tensor:
+        """[T] bool: ||grad_W L_i(t)|| finite and positive; zero means W is not shared by task i."""
+        return torch.isfinite(self.grad_norms) & (self.grad_norms > 0)
 
 
 def gradnorm_statistics(state: GradNormState, task_losses: Tensor, grad_norms: Tensor
@@ -37,9 +45,9 @@ def gradnorm_statistics(state: GradNormState, task_losses: Tensor, grad_norms: T
     has, with the target held constant, the gradient dL_grad/dw_i = sign(G_i - target_i) n_i.
     That is what autograd gives for :func:`gradnorm_loss`, at a fraction of the cost.
 
-    The ratio L_i / L_i(0) is defined for positive losses and a task whose gradient at W
-    is zero does not share W, so ``valid_losses`` and ``valid_norms`` flag each task whose
-    loss or norm is not finite and positive; :func:`update` skips the step on any flag.
+    The ratio L_i / L_i(0) is defined for positive losses, and a task whose gradient at W is
+    zero does not share W: :func:`update` skips a step where any loss or norm is not finite
+    and positive (``aux.valid_losses``, ``aux.valid_norms`` say which).
 
     Returns:
         ``(aux, grads)``: every statistic, detached, and dL_grad/dw, Tensor[T].
@@ -47,27 +55,20 @@ def gradnorm_statistics(state: GradNormState, task_losses: Tensor, grad_norms: T
     num_tasks = state.weights.shape[0]
     check_task_vector("task_losses", task_losses, num_tasks)
     check_task_vector("grad_norms", grad_norms, num_tasks)
-    dtype = state.weights.dtype
-    losses = task_losses.detach().to(dtype)
-    norms = grad_norms.detach().to(dtype)
-    initial = torch.where(torch.isnan(state.initial_losses), losses, state.initial_losses)
-    inverse_rates = losses / initial
-    ratios = inverse_rates / inverse_rates.mean()
-    weighted = state.weights.detach() * norms
-    targets = weighted.mean() * ratios.pow(state.hyper.alpha)
-    difference = weighted - targets
-    aux = GradNormAux(
-        task_losses=losses,
-        grad_norms=norms,
-        weighted_norms=weighted,
-        targets=targets,
-        loss_ratios=ratios,
-        loss_grad=difference.abs().sum(),
-        initial_losses=initial,
-        valid_losses=torch.isfinite(losses) & (losses > 0),
-        valid_norms=torch.isfinite(norms) & (norms > 0),
-    )
-    return aux, difference.sign() * norms
+    dtype = check_state_dtype("the state's dtype (state.weights.dtype)", state.weights.dtype)
+    with torch.no_grad():  # the targets are constants; only loss_grad_from tracks the weights
+        losses = task_losses.detach().to(dtype)
+        norms = grad_norms.detach().to(dtype)
+        initial = torch.where(torch.isnan(state.initial_losses), losses, state.initial_losses)
+        inverse_rates = losses / initial
+        ratios = inverse_rates / inverse_rates.mean()
+        weighted = state.weights * norms
+        targets = weighted.mean() * ratios.pow(state.hyper.alpha)
+        difference = weighted - targets
+        aux = GradNormAux(task_losses=losses, grad_norms=norms, weighted_norms=weighted,
+                          targets=targets, loss_ratios=ratios, loss_grad=difference.abs().sum(),
+                          initial_losses=initial)
+        return aux, difference.sign() * norms
 
 
 def loss_grad_from(state: GradNormState, aux: GradNormAux) -> Tensor:

@@ -15,16 +15,17 @@ Any other segment goes through the generic vjp of :mod:`gradnorm_func._capture`.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from gradnorm_func._types import ClosedFormLayer
 
 # Activations whose vjp is elementwise, c * f'(y), by their autograd node's name.
 _ELEMENTWISE = {"Relu", "LeakyRelu", "Gelu", "Silu", "Sigmoid", "Tanh", "Elu", "Hardtanh",
                 "Softplus", "Mish", "Hardswish", "Hardsigmoid"}
 _CONV_CHUNK_ELEMENTS = 1 << 22  # task-stacked cotangent elements per weight-gradient conv
-ClosedFormLayer = Union[nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d]
 
 
 class LayerCall(NamedTuple):
@@ -90,8 +91,9 @@ def layer_task_gradients(layer: ClosedFormLayer, inputs: Tensor, cotangents: Ten
     weight, bias = layer.weight, layer.bias
     train_bias = bias is not None and bias.requires_grad
     if isinstance(layer, nn.Linear):
-        c = cotangents.reshape(num_tasks, -1, cotangents.shape[-1])
-        grads = [torch.einsum("tno,ni->toi", c, inputs.reshape(-1, inputs.shape[-1]))]
+        c = cotangents.reshape(num_tasks, -1, cotangents.shape[-1])  # [T, N, d_out]
+        h = inputs.reshape(-1, inputs.shape[-1])  # [N, d_in]
+        grads = [torch.bmm(c.transpose(1, 2), h.expand(num_tasks, *h.shape))]
         if train_bias:
             grads.append(c.sum(1))
         return grads

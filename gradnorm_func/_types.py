@@ -13,3 +13,4 @@ BatchSize = Union[int, Tensor, None]  # a rank's local batch size n_r; None weig
 Optimizer = Literal["sgd", "adam"]
 TaskVectorLike = Union[Tensor, Sequence[float]]  # T numbers, one per task
 SharedLayer = Union[nn.Module, Tensor, Iterable[Tensor]]  # what GradNorm norms: W
+ClosedFormLayer = Union[nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d]  # W in closed form

@@ -47,29 +47,33 @@ def update(state: GradNormState, grads: Tensor, *, aux: GradNormAux | None = Non
                         "step and carries the checks that skip a bad step; without it every "
                         "step would take its own losses as L_i(0) and alpha would do nothing")
     hyper = state.hyper
-    weights = state.weights.detach()
-    grads = check_task_vector("grads", grads, weights.shape[0]).detach().to(weights.dtype)
-    t = (state.update_count + 1).to(weights.dtype)
-    lr = hyper.lr * torch.clamp(t / torch.clamp(hyper.warmup_steps, min=1.0), max=1.0)
-    exp_avg = torch.lerp(state.exp_avg, grads, 1 - hyper.beta1)
-    exp_avg_sq = torch.lerp(state.exp_avg_sq, grads * grads, 1 - hyper.beta2)
-    adam_direction = (exp_avg / (1 - hyper.beta1 ** t)) / (
-        (exp_avg_sq / (1 - hyper.beta2 ** t)).sqrt() + hyper.eps)
-    direction = torch.where(hyper.use_adam, adam_direction, grads)
-    new_weights = torch.clamp(weights - lr * direction, min=hyper.min_weight)
-    new_weights = new_weights * (hyper.weight_sum / new_weights.sum())
-    applied = (aux.valid_losses.all() & aux.valid_norms.all() & (new_weights.min() > 0)
-               & torch.isfinite(aux.loss_grad + new_weights.sum() + exp_avg_sq.sum()))
-    keep_moments = applied & hyper.use_adam  # under SGD the moments stay zero
-    new_state = GradNormState(
-        weights=torch.where(applied, new_weights, weights),
-        initial_losses=torch.where(applied, aux.initial_losses, state.initial_losses),
-        update_count=state.update_count + applied.long(),
-        skipped_count=state.skipped_count + (~applied).long(),
-        skipped=~applied,
-        exp_avg=torch.where(keep_moments, exp_avg, state.exp_avg),
-        exp_avg_sq=torch.where(keep_moments, exp_avg_sq, state.exp_avg_sq),
-        hyper=hyper,
-    )
+    with torch.no_grad():  # everything below is a constant: no history, no detach needed
+        weights = state.weights
+        grads = check_task_vector("grads", grads, weights.shape[0]).to(weights.dtype)
+        t = (state.update_count + 1).to(weights.dtype)
+        lr = hyper.lr * torch.clamp(t / hyper.warmup_steps, max=1.0)  # t / 0 = inf: no ramp
+        exp_avg = torch.lerp(state.exp_avg, grads, 1 - hyper.beta1)
+        exp_avg_sq = torch.lerp(state.exp_avg_sq, grads * grads, 1 - hyper.beta2)
+        adam_direction = (exp_avg / (1 - hyper.beta1 ** t)) / (
+            (exp_avg_sq / (1 - hyper.beta2 ** t)).sqrt() + hyper.eps)
+        direction = torch.where(hyper.use_adam, adam_direction, grads)
+        new_weights = torch.clamp(weights - lr * direction, min=hyper.min_weight)
+        new_weights = new_weights * (hyper.weight_sum / new_weights.sum())
+        # Applied iff every loss, norm and new weight is finite and positive, and L_grad and
+        # the second moments are finite: NaN fails every comparison.
+        lowest, highest = torch.aminmax(torch.cat([aux.task_losses, aux.grad_norms, new_weights]))
+        applied = ((lowest > 0) & (highest + aux.loss_grad + exp_avg_sq.sum() < torch.inf))
+        skipped = ~applied
+        keep_moments = applied & hyper.use_adam  # under SGD the moments stay zero
+        new_state = GradNormState(
+            weights=torch.where(applied, new_weights, weights),
+            initial_losses=torch.where(applied, aux.initial_losses, state.initial_losses),
+            update_count=state.update_count + applied,
+            skipped_count=state.skipped_count + skipped,
+            skipped=skipped,
+            exp_avg=torch.where(keep_moments, exp_avg, state.exp_avg),
+            exp_avg_sq=torch.where(keep_moments, exp_avg_sq, state.exp_avg_sq),
+            hyper=hyper,
+        )
     warn_if_skipped(new_state, aux)
     return new_state

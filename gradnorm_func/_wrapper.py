@@ -26,8 +26,7 @@ from gradnorm_func._step import step_from_gradients
 from gradnorm_func._types import BatchSize, Optimizer, SharedLayer, TaskVectorLike
 from gradnorm_func._update import update
 
-_STATE_BUFFERS = ("weights", "initial_losses", "update_count", "skipped_count", "skipped",
-                  "exp_avg", "exp_avg_sq")
+_STATE_BUFFERS = GradNormState._fields[:-1]  # every field but ``hyper``, which comes last
 
 
 def named_shared_params(layer: SharedLayer) -> list[tuple[str, Tensor]]:
@@ -215,16 +214,15 @@ class GradNorm(nn.Module):
     @property
     def state(self) -> GradNormState:
         """The current :class:`GradNormState` (its tensors are this module's buffers)."""
-        return GradNormState(**{name: getattr(self, name) for name in _STATE_BUFFERS},
-                             hyper=GradNormHyperParams(**dict(self.hyper.named_buffers())))
+        fields: dict[str, Any] = {name: self._buffers[name] for name in _STATE_BUFFERS}
+        hyper: dict[str, Any] = self.hyper._buffers
+        return GradNormState(**fields, hyper=GradNormHyperParams(**hyper))
 
     def _set_state(self, state: GradNormState) -> None:
         """Replaces (never modifies in place) every buffer, so a pending backward holding
         the old ``w_i`` is unaffected."""
-        for name in _STATE_BUFFERS:
-            setattr(self, name, getattr(state, name))
-        for name, value in state.hyper._asdict().items():
-            setattr(self.hyper, name, value)
+        self._buffers.update(zip(_STATE_BUFFERS, state[:-1]))
+        self.hyper._buffers.update(state.hyper._asdict())
 
     @property
     def w_i(self) -> Tensor:

@@ -43,10 +43,7 @@ from gradnorm_func.repro.training import (
 from gradnorm_func.repro.verdicts import all_claims
 
 EXPERIMENTS = ("toy", "digits", "all")
-PRESETS = {  # (seeds, steps) of the quick and the --full run
-    "toy": {"quick": (5, 300), "full": (5, 2000)},
-    "digits": {"quick": (5, 400), "full": (5, 3000)},
-}
+STEPS = {"toy": {"quick": 300, "full": 2000}, "digits": {"quick": 800, "full": 3000}}
 COMMON = ("experiment", "full", "threads", "batch_size", "optimizer", "lr", "weight_lr")
 OPTIONS = {"toy": COMMON + ("alpha", "input_law", "scale_reading", "n_train", "n_test", "tasks",
                             "sigma_scale", "sigma_seed"),
@@ -63,11 +60,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-def preset_help(index: int, what: str) -> str:
-    return "; ".join(f"{name} {p['quick'][index]} quick, {p['full'][index]} --full"
-                     for name, p in PRESETS.items()) + f" {what}"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m gradnorm_func.repro", description=__doc__,
                                      formatter_class=HelpFormatter)
@@ -78,11 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("results"),
                         help="output directory (summary.json, table.md, figures/); "
                              "--experiment all writes OUT/toy and OUT/digits")
-    parser.add_argument("--seeds", type=int,
-                        help="number of seeds, each fixing data, initialisation and batches "
-                             f"(default: {preset_help(0, 'seeds')})")
+    parser.add_argument("--seeds", type=int, default=5,
+                        help="number of seeds, each fixing data, initialisation and batches")
+    steps = "; ".join(f"{name} {s['quick']} quick, {s['full']} --full" for name, s in STEPS.items())
     parser.add_argument("--steps", type=int,
-                        help=f"training steps per run (default: {preset_help(1, 'steps')})")
+                        help=f"training steps per run (default: {steps})")
     parser.add_argument("--eval-every", type=int,
                         help="steps between test evaluations (default: steps // 50)")
     parser.add_argument("--batch-size", type=int, default=100, help="minibatch size")
@@ -91,7 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3, help="network learning rate")
     parser.add_argument("--weight-lr", type=float, default=0.025,
                         help="GradNorm's Adam learning rate on the task weights")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; these models are small, and with other jobs on "
+                             "the cores more threads than free cores slow a run many times over")
     toy = parser.add_argument_group("toy experiment (the settings the paper leaves unstated)")
     toy.add_argument("--alpha", type=float, default=PAPER_ALPHA,
                      help="GradNorm's alpha (the paper's toy value)")
@@ -115,12 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve(args: argparse.Namespace, experiment: str) -> tuple[list[int], TrainConfig]:
     """The seeds and training settings of one experiment: its preset, overridden by options."""
-    seeds, steps = PRESETS[experiment]["full" if args.full else "quick"]
-    steps = args.steps or steps
+    steps = args.steps or STEPS[experiment]["full" if args.full else "quick"]
     config = TrainConfig(steps=steps, batch_size=args.batch_size, optimizer=args.optimizer,
                          lr=args.lr, weight_lr=args.weight_lr,
                          eval_every=args.eval_every or max(1, steps // 50))
-    return list(range(args.seeds or seeds)), config
+    return list(range(args.seeds)), config
 
 
 def settings_of(args: argparse.Namespace, experiment: str, seeds: list[int],
@@ -138,7 +131,7 @@ def rising_note(problem: str, runs: dict[str, list[RunRecord]], names: dict[str,
     means = {m: sum(float(normalised_test_loss(r)[-1]) for r in rs) / len(rs)
              for m, rs in runs.items()}
     finals = ", ".join(f"{names[m]} {mean:.3g}" for m, mean in means.items())
-    hint = (f" --full trains {PRESETS[experiment]['full'][1]} steps."
+    hint = (f" --full trains {STEPS[experiment]['full']} steps."
             if not args.full and not args.steps else "")
     return [f"Note: in this {steps}-step run, every method's test sum_i L_i/L_i(0) on {problem} "
             f"ends above its initial value {num_tasks} ({finals}): the losses rise over the run "

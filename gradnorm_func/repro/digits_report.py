@@ -29,7 +29,8 @@ GRADNORMS = ("gradnorm", "gradnorm_logc")
 BASELINES = ("equal", "uncertainty", "dwa")
 WEIGHTED = ("gradnorm", "gradnorm_logc", "uncertainty", "dwa")  # the figure's weight panels
 ILL_CONDITIONED = 0.1  # |M_b,i| below this makes task i's relative change ill-conditioned
-COLORS = {"equal": "tab:gray", "gradnorm": "tab:blue", "gradnorm_logc": "tab:cyan",
+MAX_POINTS = 400  # weight curves are drawn at every k-th step, at most this many points
+COLORS = {"equal": "black", "gradnorm": "tab:blue", "gradnorm_logc": "tab:cyan",
           "uncertainty": "tab:orange", "dwa": "tab:green", "gradnorm_a0": "tab:purple",
           "gradnorm_a0.5": "tab:pink"}
 
@@ -144,14 +145,17 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 
 def figure(runs: dict[str, list[RunRecord]], title: str, path: Path) -> None:
-    """Top: w_i(t) of each weighting method (log scale); bottom: each task's test metric over
-    time per method. Lines are means over seeds, bands the min-max over seeds."""
+    """Top: w_i(t) of each weighting method (log scale, at every k-th step); bottom: each
+    task's test metric over time per method, equal weights on top. Lines are means over seeds,
+    bands the min-max over seeds."""
     fig = Figure(figsize=(15, 6.5))
     axes = fig.subplots(2, len(TASKS))
     cmap = matplotlib.colormaps["tab10"]
     for ax, method in zip(axes[0], WEIGHTED):
         weights = torch.stack([r.weights for r in runs[method]])  # [seeds, steps, T]
-        steps = torch.arange(weights.shape[1])
+        stride = -(-weights.shape[1] // MAX_POINTS)
+        steps = torch.arange(0, weights.shape[1], stride)
+        weights = weights[:, ::stride]
         for i, task in enumerate(TASKS):
             band(ax, steps, weights[:, :, i], cmap(i), task)
         ax.set_yscale("log")
@@ -159,14 +163,15 @@ def figure(runs: dict[str, list[RunRecord]], title: str, path: Path) -> None:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     for i, ax in enumerate(axes[1]):
-        for method in METHODS:
+        for method in reversed(METHODS):
             curves = torch.stack([r.test_metrics[:, i] for r in runs[method]])
             band(ax, runs[method][0].eval_steps, curves, COLORS[method], NAMES[method])
         ax.set_title(f"test {TASKS[i]} {METRIC_NAMES[i]}", fontsize=9)
         ax.set_xlabel("step")
         if METRIC_NAMES[i] == "R^2":
             ax.set_ylim(-0.5, 1.02)
-    axes[1][0].legend(fontsize=6)
+    handles, labels = axes[1][0].get_legend_handles_labels()
+    axes[1][0].legend(handles[::-1], labels[::-1], fontsize=6)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)

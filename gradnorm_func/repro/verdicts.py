@@ -21,6 +21,9 @@ this needs at least 5 seeds.
    final weights and sigma is negative in every seed and at most -0.8 on average.
 4. T=10: GradNorm improves on uncertainty weighting, and is more stable: uncertainty
    weighting's peak weight exceeds GradNorm's in every seed ("weights grow too large").
+
+The sign test (:func:`improvement`) and the multi-task score :func:`delta_m` also serve the
+digits experiment (:mod:`gradnorm_func.repro.digits_report`).
 """
 
 from __future__ import annotations
