@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from functools import partial
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -203,6 +204,7 @@ class GradNorm(nn.Module):
         self._micro_batches = 0  # micro-batches of the current window seen so far
         self._sums: tuple[Tensor, list[Tensor], int] | None = None  # the window's L, grads, count
         self._pending: tuple[Tensor, GradNormAux] | None = None  # gradnorm() -> apply_grads()
+        self._last_losses: weakref.ref[Tensor] | None = None  # the L_i of the latest forward
         self._checked_groups: set[dist.ProcessGroup] = set()  # groups that agreed on T, numel(W)
         self._deferred: list[tuple[torch.cuda.Event, Tensor]] = []  # skip summaries in flight
         self._fork = TaskFork(layer if isinstance(layer, nn.Module) else None, named,
@@ -252,13 +254,18 @@ class GradNorm(nn.Module):
         self.steps = torch.tensor(self._steps, device=self.weights.device)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any,
-                              **kwargs: Any) -> None:
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str,
+                              local_metadata: Any, strict: bool, missing_keys: list[str],
+                              unexpected_keys: list[str], error_msgs: list[str]) -> None:
         """Validates the whole state (:func:`state_from_dict`) and copies it in; checkpoints
         written before ``skipped_count``, ``skipped``, ``hyper.weight_sum`` and ``steps``
-        existed load with their defaults."""
+        existed load with their defaults. A checkpoint without any GradNorm entry reports
+        them as missing (an error under ``strict``, as for any module)."""
         own = {key[len(prefix):]: value for key, value in state_dict.items()
                if key.startswith(prefix)}
+        if not own:
+            missing_keys.extend(prefix + key for key in self.state_dict())
+            return
         state = state_from_dict(own, dtype=self.weights.dtype, device=self.weights.device)
         if state.weights.shape != self.weights.shape:
             raise ValueError(f"the checkpoint holds {state.weights.shape[0]} task weights, this "
@@ -375,6 +382,11 @@ class GradNorm(nn.Module):
         loss = (self.weights * self._check_losses(L_i)).sum()
         if not (self.training and torch.is_grad_enabled() and L_i.requires_grad):
             return loss
+        if self._last_losses is not None and self._last_losses() is L_i:
+            raise RuntimeError("gradnorm(L_i) was already called on these losses: call it once "
+                               "per (micro-)batch and reuse the loss it returned (log with "
+                               "gradnorm.metrics())")
+        self._last_losses = weakref.ref(L_i)
         due, last = self._advance()
         records = self._fork.take()
         if due:

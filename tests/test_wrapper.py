@@ -315,3 +315,26 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
     for name, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
     assert int(full.update_count) == 6
+
+
+def test_calling_it_twice_on_the_same_losses_is_refused():
+    """Two calls on one L_i would count two micro-batches and two updates for one backward."""
+    model, x, y = problem()
+    gn = gf.GradNorm(model.last_shared_layer, 1.5, 3)
+    L_i = per_task_mse(model(x), y)
+    loss = gn(L_i)
+    with pytest.raises(RuntimeError, match="already called on these losses"):
+        gn(L_i)
+    loss.backward()
+    assert int(gn.update_count) == 1
+
+
+def test_a_checkpoint_without_gradnorm_entries_reports_them_missing():
+    """A model checkpoint written before GradNorm was added: missing keys under strict=False,
+    the usual error under strict=True."""
+    parent = WithGradNorm()
+    old = {k: v for k, v in parent.state_dict().items() if not k.startswith("gradnorm.")}
+    result = parent.load_state_dict(old, strict=False)
+    assert "gradnorm.weights" in result.missing_keys and not result.unexpected_keys
+    with pytest.raises(RuntimeError, match="Missing key"):
+        parent.load_state_dict(old)
