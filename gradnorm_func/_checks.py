@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +42,18 @@ def check_real(name: str, value: object, *, low: float, high: float = math.inf,
         hi = "]" if high_inclusive else ")"
         raise ValueError(f"{name} must be finite and in {lo}{low}, {high}{hi}, got {value!r}")
     return float(value)
+
+
+def check_held(name: str, value: float, dtype: torch.dtype, **bounds: Any) -> None:
+    """Raises ``ValueError`` naming ``name`` when ``value``, stored in ``dtype``, leaves the
+    bounds of :func:`check_real`: 1e39 becomes inf in float32, 1e-50 becomes 0, 1 - 1e-9
+    becomes 1. Reads nothing from a device: call it at construction."""
+    stored = float(torch.tensor(value, dtype=dtype))
+    try:
+        check_real(name, stored, **bounds)
+    except ValueError:
+        raise ValueError(f"{name} = {value!r} cannot be held in {dtype}: it becomes {stored}. "
+                         "Pass a value within range, or dtype=torch.float64") from None
 
 
 def check_state_dtype(name: str, dtype: object) -> torch.dtype:

@@ -44,8 +44,10 @@ def task_gradients(params: Params, losses_fn: LossesFn, *, num_tasks: int
                          for path, leaf in zip(paths, leaves)])
     if not pytree.tree_flatten(params)[0]:
         raise ValueError("the shared parameters are empty: pass at least one tensor")
-    task_losses, pullback = torch.func.vjp(losses_fn, params)  # type: ignore[misc, unused-ignore]
-    check_task_vector("losses_fn(params)", task_losses, num_tasks)
+    def checked_losses(p: Params) -> Tensor:
+        return check_task_vector("losses_fn(params)", losses_fn(p), num_tasks)
+
+    task_losses, pullback = torch.func.vjp(checked_losses, params)  # type: ignore[misc, unused-ignore]
     one_hot = torch.eye(num_tasks, dtype=task_losses.dtype, device=task_losses.device)
     (task_grads,) = torch.func.vmap(pullback)(one_hot)
     return task_losses, task_grads
@@ -54,14 +56,15 @@ def task_gradients(params: Params, losses_fn: LossesFn, *, num_tasks: int
 def gradient_norms(task_grads: Params) -> Tensor:
     """n_i = sqrt(sum over leaves and elements of g_i^2) for leaves with a leading task axis.
 
-    Computed in at least float32, so that bfloat16 or float16 gradients do not lose the
-    norm to rounding. Returns Tensor[T].
+    Computed in float64 (float32 on MPS, which has no float64), so that squares of tiny or
+    huge entries (1e-30, 1e25) neither underflow nor overflow, and bfloat16 or float16
+    gradients do not lose the norm to rounding. Returns Tensor[T].
     """
     leaves = pytree.tree_flatten(task_grads)[0]
     if not leaves:
         raise ValueError("the shared parameters are empty: pass at least one tensor")
     def norm(tensor: Tensor, dim: int) -> Tensor:
-        dtype = torch.promote_types(tensor.dtype, torch.float32)
+        dtype = torch.float32 if tensor.device.type == "mps" else torch.float64
         result: Tensor = torch.linalg.vector_norm(tensor, dim=dim, dtype=dtype)
         return result
 

@@ -29,10 +29,11 @@ def readable(tensor: Tensor) -> bool:
 
 def skip_summary(state: GradNormState, aux: GradNormAux) -> Tensor:
     """What a skip message needs, as one float64 vector (one copy to the host):
-    [skipped, skipped_count, update_count, L_grad, valid_losses (T), valid_norms (T),
-    losses (T), norms (T)]."""
+    [skipped, skipped_count, update_count, L_grad, largest number of the state's dtype,
+    valid_losses (T), valid_norms (T), losses (T), norms (T)]."""
+    largest = torch.full_like(aux.loss_grad, torch.finfo(state.weights.dtype).max).double()
     head = torch.stack([state.skipped.double(), state.skipped_count.double(),
-                        state.update_count.double(), aux.loss_grad.double()])
+                        state.update_count.double(), aux.loss_grad.double(), largest])
     return torch.cat([head, aux.valid_losses.double(), aux.valid_norms.double(),
                       aux.task_losses.double(), aux.grad_norms.double()])
 
@@ -41,10 +42,10 @@ def skip_message(summary: Tensor) -> str | None:
     """The warning for a :func:`skip_summary` read on the host, or None when the update was
     applied or this skip need not be announced (only the 1st, 2nd, 4th, 8th, ... is)."""
     values = summary.tolist()
-    skipped, skipped_count, applied, loss_grad = values[:4]
-    num_tasks = (len(values) - 4) // 4
+    skipped, skipped_count, applied, loss_grad, largest = values[:5]
+    num_tasks = (len(values) - 5) // 4
     valid_losses, valid_norms, losses, norms = (
-        values[4 + k * num_tasks: 4 + (k + 1) * num_tasks] for k in range(4))
+        values[5 + k * num_tasks: 5 + (k + 1) * num_tasks] for k in range(4))
     count = int(skipped_count)
     if not skipped or count & (count - 1):
         return None
@@ -61,9 +62,12 @@ def skip_message(summary: Tensor) -> str | None:
                        f"positive ({[norms[i] for i in bad_norms]})" + (
                            f"; a zero norm means W is not shared by task(s) {zero} (pass the "
                            "last layer that every task uses)" if zero else ""))
+    if not reasons and max(norms) ** 2 > largest:
+        reasons.append(f"the squared gradient norms (up to {max(norms) ** 2:.3g}) overflow the "
+                       "state's dtype in Adam's second moment: pass dtype=torch.float64")
     if not reasons:
-        reasons.append(f"the new weights were not finite and positive (L_grad = {loss_grad}): "
-                       "lower lr or alpha")
+        reasons.append(f"the new weights were not finite, positive normal numbers (L_grad = "
+                       f"{loss_grad}): lower lr or alpha, or raise min_weight")
     return (f"GradNorm skipped a weight update ({count} skipped, {int(applied)} applied so "
             f"far): {'; '.join(reasons)}. The weights keep their values; state.skipped and "
             "state.skipped_count record every skip.")

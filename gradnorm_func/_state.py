@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
@@ -11,12 +11,28 @@ from torch import Tensor
 from gradnorm_func._checks import (
     STATE_DTYPES,
     check_count,
+    check_held,
     check_num_tasks,
     check_positive_vector,
     check_real,
     check_state_dtype,
 )
 from gradnorm_func._types import Optimizer, TaskVectorLike
+
+
+# The ranges of the hyper-parameters, by the name init_state gives them.
+HYPER_BOUNDS: dict[str, dict[str, Any]] = {
+    "alpha": {"low": 0.0},
+    "lr": {"low": 0.0, "low_inclusive": False},
+    "warmup_steps": {"low": 0.0},
+    "betas[0]": {"low": 0.0, "high": 1.0},
+    "betas[1]": {"low": 0.0, "high": 1.0},
+    "eps": {"low": 0.0, "low_inclusive": False},
+    "sum of the initial weights": {"low": 0.0, "low_inclusive": False},
+}
+# The same, by the field of GradNormHyperParams.
+FIELD_BOUNDS = {"alpha": "alpha", "lr": "lr", "warmup_steps": "warmup_steps", "beta1": "betas[0]",
+                "beta2": "betas[1]", "eps": "eps", "weight_sum": "sum of the initial weights"}
 
 
 class GradNormHyperParams(NamedTuple):
@@ -96,16 +112,16 @@ def init_state(
         ValueError, TypeError: naming the bad value.
     """
     check_num_tasks(num_tasks)
-    alpha = check_real("alpha", alpha, low=0.0)
-    lr = check_real("lr", lr, low=0.0, low_inclusive=False)
+    alpha = check_real("alpha", alpha, **HYPER_BOUNDS["alpha"])
+    lr = check_real("lr", lr, **HYPER_BOUNDS["lr"])
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     check_count("warmup_steps", warmup_steps, low=0)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    beta1 = check_real("betas[0]", betas[0], low=0.0, high=1.0)
-    beta2 = check_real("betas[1]", betas[1], low=0.0, high=1.0)
-    eps = check_real("eps", eps, low=0.0, low_inclusive=False)
+    beta1 = check_real("betas[0]", betas[0], **HYPER_BOUNDS["betas[0]"])
+    beta2 = check_real("betas[1]", betas[1], **HYPER_BOUNDS["betas[1]"])
+    eps = check_real("eps", eps, **HYPER_BOUNDS["eps"])
     check_state_dtype("dtype", dtype)
 
     def vector(name: str, value: TaskVectorLike) -> Tensor:
@@ -129,6 +145,10 @@ def init_state(
                             high=weight_sum / num_tasks, high_inclusive=True)
     initial = (torch.full((num_tasks,), math.nan, dtype=dtype, device=device)
                if initial_losses is None else vector("initial_losses", initial_losses))
+
+    for name, value in (("alpha", alpha), ("lr", lr), ("betas[0]", beta1), ("betas[1]", beta2),
+                        ("eps", eps), ("sum of the initial weights", weight_sum)):
+        check_held(name, value, dtype, **HYPER_BOUNDS[name])
 
     def scalar(value: float | bool) -> Tensor:
         return torch.tensor(value, dtype=torch.bool if isinstance(value, bool) else dtype,
@@ -252,21 +272,14 @@ def state_from_dict(flat: Mapping[str, object], *, dtype: torch.dtype | None = N
                           default=default_sum if name == "weight_sum" else None)
              for name in GradNormHyperParams._fields}
 
-    def real(name: str, **bounds: float | bool) -> None:
-        check_real(f"state entry 'hyper.{name}'", float(hyper[name]), **bounds)  # type: ignore[arg-type]
-
-    real("alpha", low=0.0)
-    real("lr", low=0.0, low_inclusive=False)
-    real("warmup_steps", low=0.0)
+    for name, rule in FIELD_BOUNDS.items():
+        check_real(f"state entry 'hyper.{name}'", float(hyper[name]), **HYPER_BOUNDS[rule])
     if float(hyper["warmup_steps"]) != int(hyper["warmup_steps"]):
         raise ValueError(f"state entry 'hyper.warmup_steps' must be a whole number, "
                          f"got {float(hyper['warmup_steps'])}")
-    real("beta1", low=0.0, high=1.0)
-    real("beta2", low=0.0, high=1.0)
-    real("eps", low=0.0, low_inclusive=False)
-    real("weight_sum", low=0.0, low_inclusive=False)
     total = float(hyper["weight_sum"])
-    real("min_weight", low=torch.finfo(dtype).tiny, high=total / num_tasks, high_inclusive=True)
+    check_real("state entry 'hyper.min_weight'", float(hyper["min_weight"]),
+               low=torch.finfo(dtype).tiny, high=total / num_tasks, high_inclusive=True)
     check_positive_vector("state entry 'weights'", weights)
     if not math.isclose(float(weights.double().sum()), total, rel_tol=1e-4):
         raise ValueError(f"state entry 'weights' must sum to hyper.weight_sum = {total}, "

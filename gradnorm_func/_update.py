@@ -27,8 +27,8 @@ def update(state: GradNormState, grads: Tensor, *, aux: GradNormAux | None = Non
     The update is **skipped** (weights, moments, L_i(0) and the update count unchanged,
     ``skipped`` set and ``skipped_count`` incremented) when any task's loss or gradient norm
     is not finite and positive (``aux.valid_losses``, ``aux.valid_norms``), when L_grad or
-    ``grads`` are not finite, or when the new weights or moments would not be finite and
-    positive. All of it is decided in the graph, without reading a value; in eager CPU code
+    ``grads`` are not finite, or when the new weights would not be finite, positive normal
+    numbers or the second moments (g^2) would overflow the state's dtype. All of it is decided in the graph, without reading a value; in eager CPU code
     a :class:`SkippedUpdateWarning` says so (on the 1st, 2nd, 4th, ... skip).
     Pure: ``state`` is not modified and the result has no autograd history.
 
@@ -59,10 +59,13 @@ def update(state: GradNormState, grads: Tensor, *, aux: GradNormAux | None = Non
         direction = torch.where(hyper.use_adam, adam_direction, grads)
         new_weights = torch.clamp(weights - lr * direction, min=hyper.min_weight)
         new_weights = new_weights * (hyper.weight_sum / new_weights.sum())
-        # Applied iff every loss, norm and new weight is finite and positive, and L_grad and
+        # Applied iff every loss, norm and new weight is a finite, positive normal number (a
+        # subnormal weight would lose digits when cotangents are divided by it), and L_grad and
         # the second moments are finite: NaN fails every comparison.
         lowest, highest = torch.aminmax(torch.cat([aux.task_losses, aux.grad_norms, new_weights]))
-        applied = ((lowest > 0) & (highest + aux.loss_grad + exp_avg_sq.sum() < torch.inf))
+        applied = ((lowest >= torch.finfo(weights.dtype).tiny)
+                   & (highest + aux.loss_grad + torch.where(hyper.use_adam, exp_avg_sq.sum(), 0.0)
+                      < torch.inf))
         skipped = ~applied
         keep_moments = applied & hyper.use_adam  # under SGD the moments stay zero
         new_state = GradNormState(

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradnorm_func._capture import FREED_GRAPH, Record, TaskFork
-from gradnorm_func._checks import check_count, check_real, check_task_vector
+from gradnorm_func._checks import check_count, check_held, check_real, check_task_vector
 from gradnorm_func._distributed import check_same_tasks, check_unsharded, resolve_group
 from gradnorm_func._gradients import global_norms
 from gradnorm_func._objective import GradNormAux, gradnorm_statistics, loss_grad_from
@@ -97,7 +97,7 @@ class GradNorm(nn.Module):
     update is exact under any positive loss scale (a ``GradScaler``, ``loss * 1024``) and with
     extra terms added to the returned loss, because the coefficient of each L_i is read from
     the backward itself. In ``eval()`` mode or under ``torch.no_grad()`` it only returns the
-    weighted sum.
+    weighted sum; in training, ``L_i`` must have an autograd graph.
 
     Assigned as an attribute of a model (a ``LightningModule``, a ``PreTrainedModel``), its
     state is part of the model's ``state_dict()`` and moves with ``.to(device)``. It has no
@@ -380,8 +380,12 @@ class GradNorm(nn.Module):
             framework that does).
         """
         loss = (self.weights * self._check_losses(L_i)).sum()
-        if not (self.training and torch.is_grad_enabled() and L_i.requires_grad):
+        if not (self.training and torch.is_grad_enabled()):
             return loss
+        if not L_i.requires_grad:
+            raise ValueError("L_i has no autograd graph: compute it from the model's outputs, "
+                             "with grad enabled (in evaluation, call gradnorm.eval() or use "
+                             "torch.no_grad(), and gradnorm(L_i) only weights the losses)")
         if self._last_losses is not None and self._last_losses() is L_i:
             raise RuntimeError("gradnorm(L_i) was already called on these losses: call it once "
                                "per (micro-)batch and reuse the loss it returned (log with "
@@ -476,6 +480,7 @@ class GradNorm(nn.Module):
         state = self.state
         if lr is not None:
             lr = check_real("lr", lr, low=0.0, low_inclusive=False)
+            check_held("lr", lr, state.weights.dtype, low=0.0, low_inclusive=False)
             state = state._replace(hyper=state.hyper._replace(lr=torch.full_like(state.hyper.lr, lr)))
         new_state = update(state, grads, aux=aux)._replace(hyper=self.state.hyper)
         self._set_state(new_state)
