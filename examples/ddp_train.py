@@ -2,10 +2,12 @@
 
 Run: torchrun --standalone --nproc_per_node=2 examples/ddp_train.py [--steps 100]
 
-Every rank trains on its shard of the data (``DistributedSampler``); DDP averages the model's
-gradients and ``GradNorm`` all-reduces the per-task gradients of the shared layer and the
-task losses once per step, so every rank holds the same task weights. Uses NCCL on GPUs and
-gloo on CPU.
+Every rank trains on its shard of the data (``DistributedSampler``). The training step is the
+single-process one, ``loss = gn(L_i); loss.backward()``: DDP averages the model's gradients
+during the backward, and at its end GradNorm all-reduces the per-task gradients of the shared
+layer and the task losses once, so every rank takes the global-batch step and holds the same
+task weights. The heads read per-task copies of the shared representation
+(``model.fork = gn.fork``), the fast path. Uses NCCL on GPUs and gloo on CPU.
 """
 
 from __future__ import annotations
@@ -17,38 +19,11 @@ import os
 import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  (imported before init_process_group: see main)
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import gradnorm_func as gf
-
-
-class ToyNet(nn.Module):
-    """A trunk of 4 ReLU layers of 100 units (the last one is shared layer W), one head per task."""
-
-    def __init__(self, num_tasks: int, dim: int = 250, hidden: int = 100) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                   nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.shared = nn.Linear(hidden, hidden)
-        self.heads = nn.Linear(hidden, num_tasks * 100)  # T affine heads of 100 outputs, stacked
-        self.num_tasks = num_tasks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.relu(self.shared(self.trunk(x)))
-        return self.heads(z).view(x.shape[0], self.num_tasks, 100)
-
-
-def toy_data(num_samples: int, sigmas: torch.Tensor, dim: int = 250) -> TensorDataset:
-    """f_i(x) = sigma_i tanh((B + eps_i) x), B ~ N(0, 10), eps_i ~ N(0, 3.5) (std devs)."""
-    gen = torch.Generator().manual_seed(0)
-    base = torch.randn(100, dim, generator=gen) * 10
-    maps = base + torch.randn(len(sigmas), 100, dim, generator=gen) * 3.5
-    # x ~ N(0, 1 / (100 dim)), so that (B + eps_i) x has unit scale and tanh is not saturated.
-    x = torch.randn(num_samples, dim, generator=gen) / dim**0.5 / 10
-    y = sigmas[:, None] * torch.tanh(torch.einsum("tod,nd->nto", maps, x))
-    return TensorDataset(x, y)
+from gradnorm_func.repro.toy import ToyMultiTaskNet, per_task_mse, toy_regression
 
 
 def train(steps: int, batch_size: int) -> None:
@@ -60,18 +35,20 @@ def train(steps: int, batch_size: int) -> None:
 
     sigmas = torch.tensor([1.0, 100.0])
     num_tasks = len(sigmas)
-    dataset = toy_data(1000, sigmas)
+    x, y = toy_regression(sigmas, 1000, input_dim=250, output_dim=100, seed=0)
+    dataset = TensorDataset(x, y)
     sampler = DistributedSampler(dataset, shuffle=True, seed=0)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
 
     torch.manual_seed(0)
-    model = ToyNet(num_tasks).to(device)
+    model = ToyMultiTaskNet(num_tasks).to(device)  # the paper's sizes: 250 -> 4 x 100 -> 100
+    # Synchronises by itself because a process group is initialised (sync=None).
+    gn = gf.GradNorm(model.last_shared_layer, alpha=0.12, number_of_tasks=num_tasks, lr=0.025,
+                     optimizer="adam")
+    model.fork = gn.fork  # head i reads copy i of z: the fast path
     ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-3)
-    # Synchronises automatically because a process group is initialised (sync=None).
-    gn = gf.GradNorm(model.shared, alpha=0.12, number_of_tasks=num_tasks, lr=0.025,
-                     optimizer="adam")
-    numel = sum(p.numel() for p in model.shared.parameters())
+    numel = sum(p.numel() for p in model.last_shared_layer.parameters())
     if rank == 0:
         print(f"{world} ranks; all-reduce per step: {num_tasks * (numel + 1) + 1} float32 values "
               f"= {4 * (num_tasks * (numel + 1) + 1)} bytes")
@@ -81,15 +58,15 @@ def train(steps: int, batch_size: int) -> None:
         sampler.set_epoch(epoch)
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            L_i = ((ddp(x) - y) ** 2).mean(dim=(0, 2))  # [T] task losses on this rank's batch
-            loss = (gn.w_i * L_i).sum()
-            gn.local_batch_size = x.shape[0]
-            gn.step(L_i)  # global-batch norms and losses; identical weights on every rank
+            L_i = per_task_mse(ddp(x), y)  # [T] task losses on this rank's batch
+            gn.local_batch_size = x.shape[0]  # weights the ranks by their batch sizes
+            loss = gn(L_i)  # sum_i w_i(t) L_i
             optimizer.zero_grad()
-            loss.backward()  # DDP averages the model's gradients as usual
+            loss.backward()  # DDP averages the model's gradients; then GradNorm's one all-reduce
             optimizer.step()
             if rank == 0 and (step % max(1, steps // 10) == 0 or step == steps - 1):
-                print(f"step {step:4d}  losses {gn.aux.losses.tolist()}  weights {gn.w_i.tolist()}")
+                print(f"step {step:4d}  losses {gn.aux.task_losses.tolist()}  "
+                      f"weights {gn.w_i.tolist()}")
             step += 1
             if step == steps:
                 break

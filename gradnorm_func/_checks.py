@@ -48,7 +48,7 @@ def check_held(name: str, value: float, dtype: torch.dtype, **bounds: Any) -> No
     """Raises ``ValueError`` naming ``name`` when ``value``, stored in ``dtype``, leaves the
     bounds of :func:`check_real`: 1e39 becomes inf in float32, 1e-50 becomes 0, 1 - 1e-9
     becomes 1. Reads nothing from a device: call it at construction."""
-    stored = float(torch.tensor(value, dtype=dtype))
+    stored = float(torch.tensor(value, dtype=dtype, device="cpu"))
     try:
         check_real(name, stored, **bounds)
     except ValueError:

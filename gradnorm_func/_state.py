@@ -124,27 +124,33 @@ def init_state(
     eps = check_real("eps", eps, **HYPER_BOUNDS["eps"])
     check_state_dtype("dtype", dtype)
 
+    # Validated on the CPU, then placed on ``device`` (by default the default device, which
+    # is "meta" while transformers builds a model for ``from_pretrained``).
+    device = torch.empty(0, device=device).device
+
     def vector(name: str, value: TaskVectorLike) -> Tensor:
         try:  # Python numbers straight into ``dtype``: no detour through float32
-            tensor = value if isinstance(value, Tensor) else torch.as_tensor(value, dtype=dtype)
+            tensor = (value if isinstance(value, Tensor)
+                      else torch.as_tensor(value, dtype=dtype, device="cpu"))
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"{name} must be a Tensor or a sequence of {num_tasks} numbers, "
                             f"got {value!r}") from None
         if tensor.dtype == torch.bool or tensor.dtype.is_complex:
             raise TypeError(f"{name} must hold real numbers, got {tensor.dtype}")
-        tensor = tensor.detach().to(dtype=dtype, device=device).clone()
+        tensor = tensor.detach().to(dtype=dtype, device="cpu")
         if tensor.shape != (num_tasks,):
             raise ValueError(f"{name} must have shape ({num_tasks},), got {tuple(tensor.shape)}")
         check_positive_vector(name, tensor)
         return tensor
 
-    weights = (torch.ones(num_tasks, dtype=dtype, device=device) if initial_weights is None
+    weights = (torch.ones(num_tasks, dtype=dtype, device="cpu") if initial_weights is None
                else vector("initial_weights", initial_weights))
     weight_sum = float(weights.sum())
+    weights = weights.to(device, copy=True)
     min_weight = check_real("min_weight", min_weight, low=torch.finfo(dtype).tiny,
                             high=weight_sum / num_tasks, high_inclusive=True)
     initial = (torch.full((num_tasks,), math.nan, dtype=dtype, device=device)
-               if initial_losses is None else vector("initial_losses", initial_losses))
+               if initial_losses is None else vector("initial_losses", initial_losses).to(device))
 
     for name, value in (("alpha", alpha), ("lr", lr), ("betas[0]", beta1), ("betas[1]", beta2),
                         ("eps", eps), ("sum of the initial weights", weight_sum)):

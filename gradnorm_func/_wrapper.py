@@ -196,6 +196,7 @@ class GradNorm(nn.Module):
         for name, value in state.hyper._asdict().items():
             self.hyper.register_buffer(name, value)
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=state.weights.device))
+        self._known_buffers = self._buffer_objects()  # to notice buffers replaced from outside
         self.aux: GradNormAux | None = None  # the latest step's losses, norms, targets, ...
         self.process_group = process_group
         self.sync = sync
@@ -225,6 +226,7 @@ class GradNorm(nn.Module):
         the old ``w_i`` is unaffected."""
         self._buffers.update(zip(_STATE_BUFFERS, state[:-1]))
         self.hyper._buffers.update(state.hyper._asdict())
+        self._known_buffers = self._buffer_objects()
 
     @property
     def w_i(self) -> Tensor:
@@ -247,11 +249,15 @@ class GradNorm(nn.Module):
         def move_only(t: Tensor) -> Tensor:
             device = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
             return t.to(device)
-        return super()._apply(move_only, recurse)  # type: ignore[no-untyped-call, no-any-return, unused-ignore]
+        moved: GradNorm = super()._apply(move_only, recurse)  # type: ignore[no-untyped-call, unused-ignore]
+        self._known_buffers = self._buffer_objects()  # a move is not a load: nothing to check
+        return moved
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
                             keep_vars: bool) -> None:
+        self._check_buffers()
         self.steps = torch.tensor(self._steps, device=self.weights.device)
+        self._known_buffers = self._buffer_objects()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str,
@@ -266,16 +272,38 @@ class GradNorm(nn.Module):
         if not own:
             missing_keys.extend(prefix + key for key in self.state_dict())
             return
-        state = state_from_dict(own, dtype=self.weights.dtype, device=self.weights.device)
+        self._adopt(own)
+
+    def _adopt(self, flat: Mapping[str, Any]) -> None:
+        """Validates a state dict (:func:`state_from_dict`) and makes it this module's state."""
+        device = self.weights.device
+        if device.type == "meta":  # built under torch.device("meta"): take the loaded device
+            device = flat["weights"].device if isinstance(flat.get("weights"), Tensor) else device
+        state = state_from_dict(flat, dtype=self.weights.dtype, device=device)
         if state.weights.shape != self.weights.shape:
             raise ValueError(f"the checkpoint holds {state.weights.shape[0]} task weights, this "
                              f"GradNorm has number_of_tasks={self.number_of_tasks}")
-        steps = own.get("steps", torch.zeros((), dtype=torch.int64))
+        steps = flat.get("steps", torch.zeros((), dtype=torch.int64))
         if not isinstance(steps, Tensor) or steps.shape != () or int(steps) < 0:
             raise ValueError(f"state entry 'steps' must be a non-negative 0-d tensor, got {steps!r}")
         self._set_state(state)
-        self.steps = steps.detach().to(dtype=torch.int64, device=self.weights.device).clone()
+        self.steps = steps.detach().to(dtype=torch.int64, device=device).clone()
         self._steps, self._micro_batches, self._sums, self._pending = int(steps), 0, None, None
+        self._known_buffers = self._buffer_objects()
+
+    def _buffer_objects(self) -> tuple[Tensor | None, ...]:
+        return (*self._buffers.values(), *self.hyper._buffers.values())
+
+    def _check_buffers(self) -> None:
+        """Validates, once, buffers that a loader replaced without ``load_state_dict``
+        (``from_pretrained`` of transformers assigns each tensor).
+        Costs an identity comparison when nothing changed."""
+        current = self._buffer_objects()
+        if len(current) != len(self._known_buffers) or any(
+                a is not b for a, b in zip(current, self._known_buffers)):
+            flat: dict[str, Any] = {name: value for name, value in self._buffers.items()}
+            flat.update({f"hyper.{name}": value for name, value in self.hyper._buffers.items()})
+            self._adopt(flat)
 
     # ------------------------------------------------------------------ windows
     def _recording(self) -> bool:
@@ -366,6 +394,7 @@ class GradNorm(nn.Module):
     def _check_losses(self, L_i: Tensor) -> Tensor:
         check_task_vector("L_i", L_i, self.number_of_tasks)
         self._follow_layer()
+        self._check_buffers()
         return L_i
 
     # ------------------------------------------------------------------ the flows

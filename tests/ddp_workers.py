@@ -1,27 +1,34 @@
 """Per-rank bodies of the multi-process tests, and their single-process references.
 
-Each worker joins a gloo group on 127.0.0.1, trains the toy multi-task net under
-``DistributedDataParallel`` on its slice of every global batch, and saves what it saw with
-``torch.save`` to ``<out>/rank<r>.pt`` for the parent test to compare.
+Each worker joins a gloo group on 127.0.0.1, trains the toy multi-task net
+(``gradnorm_func.repro.toy``) under ``DistributedDataParallel`` on its slice of every global
+batch, and saves what it saw with ``torch.save`` to ``<out>/rank<r>.pt`` for the parent test
+to compare.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from multitask import MultiTaskNet, task_data, task_losses
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 import gradnorm_func as gf
+from gradnorm_func.repro.toy import ToyMultiTaskNet, per_task_mse, toy_regression
 
 NUM_TASKS = 3
+SIGMAS = torch.tensor([1.0, 10.0, 100.0])
+INPUT_DIM, HIDDEN, OUTPUT_DIM = 6, 16, 2
 STEPS = 6  # the last one has an uneven global batch
 NAN_STEP = 3
+WINDOWS, MICRO_BATCHES = 3, 2  # accumulation: windows of 2 micro-batches per rank
 
 
 def free_port() -> int:
@@ -30,55 +37,159 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def batch(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    x, y = toy_regression(SIGMAS, n, input_dim=INPUT_DIM, output_dim=OUTPUT_DIM, seed=seed)
+    return x.double(), y.double()
+
+
 def global_batches() -> list[tuple[Tensor, Tensor]]:
-    """STEPS global batches of 12 samples, then one of 7 (uneven over 2 or 3 ranks)."""
+    """STEPS - 1 global batches of 12 samples, then one of 7 (uneven over 2 or 3 ranks)."""
     sizes = [12] * (STEPS - 1) + [7]
-    return [task_data(NUM_TASKS, batch=n, seed=t, dtype=torch.float64) for t, n in enumerate(sizes)]
+    return [batch(n, seed=t) for t, n in enumerate(sizes)]
 
 
-def make_model() -> MultiTaskNet:
+def window_batches() -> list[tuple[Tensor, Tensor]]:
+    """WINDOWS global batches of 12 samples, one per accumulation window: 6 per rank (2 ranks)
+    or 4 (3 ranks), as 2 equal micro-batches."""
+    return [batch(12, seed=100 + t) for t in range(WINDOWS)]
+
+
+def make_model(num_tasks: int = NUM_TASKS, *, separate_heads: bool = False) -> ToyMultiTaskNet:
     torch.manual_seed(0)
-    return MultiTaskNet(NUM_TASKS).double()
+    return ToyMultiTaskNet(num_tasks, input_dim=INPUT_DIM, hidden=HIDDEN, depth=2,
+                           output_dim=OUTPUT_DIM, separate_heads=separate_heads).double()
 
 
-def train(model: torch.nn.Module, shared: torch.nn.Module, batches: list[tuple[Tensor, Tensor]], *,
-          weight_by_batch: bool, poison: bool = False, **options) -> dict[str, Tensor]:
-    """SGD with the stateful GradNorm; returns the weights, counts and finite flags per step."""
+def make_gradnorm(model: ToyMultiTaskNet, fast: str | None = None, **options: Any) -> gf.GradNorm:
+    """GradNorm at the last shared layer; ``fast``: None, "heads" (``heads=``) or "fork"."""
+    heads = model.heads if fast == "heads" else None
+    gn = gf.GradNorm(model.last_shared_layer, 1.5, model.num_tasks, lr=0.05, optimizer="adam",
+                     dtype=torch.float64, heads=heads, **options)
+    if fast == "fork":
+        model.fork = gn.fork
+    return gn
+
+
+def train(model: torch.nn.Module, gn: gf.GradNorm, batches: list[tuple[Tensor, Tensor]], *,
+          flow: str = "step", weight_by_batch: bool = True, poison: bool = False
+          ) -> dict[str, Tensor]:
+    """SGD with the stateful GradNorm, ``flow`` "step" (``gn.step`` before the backward) or
+    "one-line" (``loss = gn(L_i)``); the weights, update counts and skip flags per step."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    gn = gf.GradNorm(shared, 1.5, NUM_TASKS, lr=0.05, optimizer="adam", dtype=torch.float64,
-                     **options)
-    weights, counts, finite = [], [], []
+    weights, counts, skipped = [], [], []
     for t, (x, y) in enumerate(batches):
         opt.zero_grad()
-        L_i = task_losses(model, x, y)
-        loss = (gn.w_i * L_i).sum()
         if weight_by_batch:
             gn.local_batch_size = x.shape[0]
-        nan = torch.tensor([float("nan")] + [1.0] * (NUM_TASKS - 1), dtype=L_i.dtype)
-        gn.step(L_i * nan if poison and t == NAN_STEP else L_i)
+        L_i = per_task_mse(model(x), y)
+        if flow == "one-line":
+            loss = gn(L_i)
+        else:
+            loss = (gn.w_i * L_i).sum()
+            nan = torch.tensor([float("nan")] + [1.0] * (NUM_TASKS - 1), dtype=L_i.dtype)
+            gn.step(L_i * nan if poison and t == NAN_STEP else L_i)
         loss.backward()
         opt.step()
         weights.append(gn.w_i)
-        counts.append(gn.state.update_count)
-        finite.append(gn.aux.finite)
+        counts.append(gn.update_count)
+        skipped.append(gn.skipped)
     return {"weights": torch.stack(weights), "counts": torch.stack(counts),
-            "finite": torch.stack(finite)}
+            "skipped": torch.stack(skipped)}
 
 
-def reference(weight_by_batch: bool = True) -> dict[str, Tensor]:
-    """One process over the concatenated global batches, no DDP."""
-    model = make_model()
-    return train(model, model.shared, global_batches(), weight_by_batch=weight_by_batch)
+def reference(*, separate_heads: bool = False) -> dict[str, Tensor]:
+    """One process over the concatenated global batches, no DDP, ``gn.step``, general path."""
+    model = make_model(separate_heads=separate_heads)
+    return train(model, make_gradnorm(model), global_batches())
 
 
-def ddp_run(rank: int, world: int, weight_by_batch: bool, poison: bool = False) -> dict[str, Tensor]:
-    model = make_model()
+def local_slices(batches: list[tuple[Tensor, Tensor]], rank: int, world: int
+                 ) -> list[tuple[Tensor, Tensor]]:
+    return [(x.tensor_split(world)[rank], y.tensor_split(world)[rank]) for x, y in batches]
+
+
+def ddp_run(rank: int, world: int, *, flow: str = "step", fast: str | None = None,
+            weight_by_batch: bool = True, poison: bool = False) -> dict[str, Tensor]:
+    model = make_model(separate_heads=fast == "heads")
+    gn = make_gradnorm(model, fast)
     ddp = DistributedDataParallel(model)
-    local = [(x.tensor_split(world)[rank], y.tensor_split(world)[rank]) for x, y in global_batches()]
-    out = train(ddp, model.shared, local, weight_by_batch=weight_by_batch,
-                poison=poison and rank == world - 1)
+    out = train(ddp, gn, local_slices(global_batches(), rank, world), flow=flow,
+                weight_by_batch=weight_by_batch, poison=poison and rank == world - 1)
     out["params"] = torch.cat([p.detach().flatten() for p in model.parameters()])
     return out
+
+
+def accumulation_reference() -> Tensor:
+    """One process, one ``gn.step`` per window on the window's whole global batch."""
+    model = make_model(separate_heads=True)
+    return train(model, make_gradnorm(model), window_batches())["weights"]
+
+
+class CollectiveCounter:
+    """Counts the collectives issued on one process group.
+
+    GradNorm is given a process group of its own (``dist.new_group``) that nothing else uses:
+    DDP's gradient buckets and buffer broadcasts go to the world group. Two independent
+    counts then see every collective GradNorm issues, however it issues them:
+
+    * ``sequence``: the group's own collective sequence number, which the c10d backend
+      advances once per collective of any kind (``dist.*`` or functional collectives);
+    * ``calls``: calls of ``funcol.all_reduce`` and ``dist.all_reduce`` on this group, by
+      wrapping both functions for the duration of the run.
+    """
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.calls = 0
+        self._originals = (funcol.all_reduce, dist.all_reduce)
+
+    def sequence(self) -> int:
+        return int(self.group._get_sequence_number_for_group())
+
+    def __enter__(self) -> CollectiveCounter:
+        functional, eager = self._originals
+
+        def counted_functional(tensor: Tensor, op: str, group: Any, *args: Any, **kwargs: Any):
+            self.calls += group is self.group
+            return functional(tensor, op, group, *args, **kwargs)
+
+        def counted_eager(tensor: Tensor, *args: Any, **kwargs: Any):
+            group = kwargs.get("group", args[1] if len(args) > 1 else None)  # (op, group, ...)
+            self.calls += group is self.group
+            return eager(tensor, *args, **kwargs)
+
+        funcol.all_reduce, dist.all_reduce = counted_functional, counted_eager
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        funcol.all_reduce, dist.all_reduce = self._originals
+
+
+def accumulation_run(rank: int, world: int, group: dist.ProcessGroup) -> dict[str, Tensor]:
+    """``accumulation_steps=2`` in the one-line flow under DDP (``no_sync`` on the first
+    micro-batch): the weights after each window, and GradNorm's collectives counted after
+    every micro-batch."""
+    model = make_model(separate_heads=True)
+    gn = make_gradnorm(model, "heads", accumulation_steps=MICRO_BATCHES, process_group=group)
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    weights, sequence, calls = [], [], []
+    with CollectiveCounter(group) as counter:
+        start = counter.sequence()
+        for x, y in local_slices(window_batches(), rank, world):
+            opt.zero_grad()
+            for m, (xm, ym) in enumerate(zip(x.tensor_split(MICRO_BATCHES),
+                                             y.tensor_split(MICRO_BATCHES))):
+                last = m == MICRO_BATCHES - 1
+                with nullcontext() if last else ddp.no_sync():
+                    loss = gn(per_task_mse(ddp(xm), ym)) / MICRO_BATCHES
+                    loss.backward()
+                sequence.append(counter.sequence() - start)
+                calls.append(counter.calls)
+            opt.step()
+            weights.append(gn.w_i)
+    return {"weights": torch.stack(weights), "sequence": torch.tensor(sequence),
+            "calls": torch.tensor(calls), "updates": gn.update_count}
 
 
 def functional_run(rank: int, world: int, *, compile: bool = False,
@@ -88,12 +199,11 @@ def functional_run(rank: int, world: int, *, compile: bool = False,
     ``functional_run(0, 1)`` is the single-process reference."""
     model = make_model().float()
     params = {k: v.detach() for k, v in model.named_parameters()}
-    shared = {k: params[k] for k in ("shared.weight", "shared.bias")}
+    shared = {k: params[k] for k in ("last_shared_layer.weight", "last_shared_layer.bias")}
 
     def gradnorm_step(state, x, y, n):
         def losses(p):
-            return task_losses(lambda v: torch.func.functional_call(model, {**params, **p}, (v,)),
-                               x, y)
+            return per_task_mse(torch.func.functional_call(model, {**params, **p}, (x,)), y)
         return gf.step(state, shared, losses, process_group=group, batch_size=n)
 
     # fullgraph tracing of the collective is the point; aot_eager skips inductor's C++ build
@@ -113,11 +223,12 @@ def functional_run(rank: int, world: int, *, compile: bool = False,
 
 def mismatch_run(rank: int) -> str:
     """Rank r declares T = 2 + r tasks; every rank must raise the same clear error."""
-    model = MultiTaskNet(2 + rank)
-    x, y = task_data(2 + rank)
-    gn = gf.GradNorm(model.shared, 1.5, 2 + rank)
+    model = make_model(2 + rank)
+    x, y = toy_regression(SIGMAS[:1].repeat(2 + rank), 8, input_dim=INPUT_DIM,
+                          output_dim=OUTPUT_DIM, seed=0)
+    gn = gf.GradNorm(model.last_shared_layer, 1.5, 2 + rank)
     try:
-        gn.step(task_losses(model, x, y))
+        gn(per_task_mse(model(x.double()), y.double())).backward()
     except ValueError as err:
         return str(err)
     return ""
@@ -128,10 +239,15 @@ def worker(rank: int, world: int, port: int, out: str, compile: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        group = dist.new_group(backend="gloo")  # GradNorm's own group, to count its collectives
         results = {
-            "weighted": ddp_run(rank, world, weight_by_batch=True),
+            "weighted": ddp_run(rank, world),
             "unweighted": ddp_run(rank, world, weight_by_batch=False),
-            "poisoned": ddp_run(rank, world, weight_by_batch=True, poison=True),
+            "poisoned": ddp_run(rank, world, poison=True),
+            "one-line": ddp_run(rank, world, flow="one-line"),
+            "one-line heads": ddp_run(rank, world, flow="one-line", fast="heads"),
+            "one-line fork": ddp_run(rank, world, flow="one-line", fast="fork"),
+            "accumulated": accumulation_run(rank, world, group),
             "functional": functional_run(rank, world, group=dist.group.WORLD),
             "mismatch": mismatch_run(rank),
         }

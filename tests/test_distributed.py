@@ -25,6 +25,7 @@ import gradnorm_func as gf
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
+EXACT = dict(rtol=1e-10, atol=1e-12)  # float64: the ranks' sums are reassociated
 
 
 def child_env() -> dict[str, str]:
@@ -40,9 +41,20 @@ def ranks(request, tmp_path_factory) -> list[dict]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
         mp.spawn(ddp_workers.worker, args=(world, ddp_workers.free_port(), str(out),
-                                                 world == 2 and COMPILES_FULLGRAPH),
+                                           world == 2 and COMPILES_FULLGRAPH),
                  nprocs=world)
     return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    return ddp_workers.reference()
+
+
+@pytest.fixture(scope="module")
+def reference_heads() -> dict[str, torch.Tensor]:
+    """The same with the separate heads' model (its initialisation differs)."""
+    return ddp_workers.reference(separate_heads=True)
 
 
 def assert_same_on_all_ranks(ranks: list[dict], run: str) -> None:
@@ -51,27 +63,41 @@ def assert_same_on_all_ranks(ranks: list[dict], run: str) -> None:
             assert torch.equal(other[run][key], value), f"{run}.{key} differs between ranks"
 
 
-def test_weights_are_bit_identical_and_equal_to_one_process(ranks):
+def test_weights_are_bit_identical_and_equal_to_one_process(ranks, reference):
     assert_same_on_all_ranks(ranks, "weighted")
-    expected = ddp_workers.reference()
     got = ranks[0]["weighted"]
-    torch.testing.assert_close(got["weights"], expected["weights"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got["weights"], reference["weights"], **EXACT)
     assert (got["weights"][-1] - 1).abs().max() > 1e-2  # the weights did move
 
 
+@pytest.mark.parametrize("run", ["one-line", "one-line heads", "one-line fork"])
+def test_one_line_flow_is_bit_identical_across_ranks_and_equals_one_process(ranks, reference,
+                                                                          reference_heads, run):
+    """``loss = gn(L_i); loss.backward()`` under DDP, without and with a fork (``heads=``,
+    ``model.fork = gn.fork``): GradNorm's all-reduce runs at the end of each backward, after
+    DDP's, in the same order on every rank; the weights equal one process's ``gn.step`` on
+    the global batch, the uneven last batch included."""
+    assert_same_on_all_ranks(ranks, run)
+    got = ranks[0][run]
+    assert got["counts"].tolist() == list(range(1, ddp_workers.STEPS + 1))
+    expected = reference_heads if run == "one-line heads" else reference
+    torch.testing.assert_close(got["weights"], expected["weights"], **EXACT)
+
+
 def test_model_parameters_stay_in_sync(ranks):
-    for other in ranks[1:]:
-        assert torch.equal(other["weighted"]["params"], ranks[0]["weighted"]["params"])
+    for run in ("weighted", "one-line heads"):
+        for other in ranks[1:]:
+            assert torch.equal(other[run]["params"], ranks[0][run]["params"]), run
 
 
-def test_uneven_last_batch_without_batch_sizes_weights_ranks_equally(ranks):
+def test_uneven_last_batch_without_batch_sizes_weights_ranks_equally(ranks, reference):
     # Even batches: equal to the global batch. The uneven last batch, without
     # ``local_batch_size``, averages the rank means (as DDP does): identical on all ranks,
     # but not the global-batch mean.
     assert_same_on_all_ranks(ranks, "unweighted")
-    expected = ddp_workers.reference()["weights"]
+    expected = reference["weights"]
     got = ranks[0]["unweighted"]["weights"]
-    torch.testing.assert_close(got[:-1], expected[:-1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[:-1], expected[:-1], **EXACT)
     assert (got[-1] - expected[-1]).abs().max() > 1e-9
 
 
@@ -79,10 +105,29 @@ def test_nan_on_one_rank_skips_the_update_on_every_rank(ranks):
     assert_same_on_all_ranks(ranks, "poisoned")
     poisoned = ranks[0]["poisoned"]
     step = ddp_workers.NAN_STEP
-    assert not poisoned["finite"][step] and poisoned["finite"][:step].all()
+    assert poisoned["skipped"][step] and not poisoned["skipped"][:step].any()
+    assert not poisoned["skipped"][step + 1:].any()
     assert poisoned["counts"][step] == poisoned["counts"][step - 1]
     assert torch.equal(poisoned["weights"][step], poisoned["weights"][step - 1])
     assert torch.isfinite(poisoned["weights"]).all()
+
+
+def test_accumulation_makes_one_all_reduce_per_window_and_equals_the_full_batch(ranks):
+    """accumulation_steps=2 under DDP: GradNorm issues exactly one collective per window on
+    its process group (plus, in the first window only, the one check that the ranks agree
+    on T), none on the first micro-batch of a window, and the weights equal one process
+    stepping once per window on the window's whole global batch."""
+    assert_same_on_all_ranks(ranks, "accumulated")
+    got = ranks[0]["accumulated"]
+    windows, k = ddp_workers.WINDOWS, ddp_workers.MICRO_BATCHES
+    # After each micro-batch: [0, 2, 2, 3, 3, 4] for 3 windows of 2 (check + sync, then sync).
+    expected = [w + 1 + (m == k - 1) for w in range(windows) for m in range(k)]
+    expected[0] = 0
+    assert got["sequence"].tolist() == expected
+    assert got["calls"].tolist() == expected  # the same count, by wrapping the functions
+    assert int(got["updates"]) == windows
+    torch.testing.assert_close(got["weights"], ddp_workers.accumulation_reference(), **EXACT)
+    assert (got["weights"][-1] - 1).abs().max() > 1e-2
 
 
 def test_functional_step_with_process_group_equals_one_process(ranks):
@@ -134,8 +179,10 @@ def test_sync_options_and_sharded_layers_are_checked():
     shared = {"layer": {"weight": layer.weight.detach(), "bias": layer.bias.detach()}}
     shared["layer"]["weight"]._is_flat_param = True
     with pytest.raises(ValueError, match=r"\['layer.weight'\].*sharded"):
-        gf.task_gradient_norms(shared, lambda p: p["layer"]["weight"].sum(1)[:2], num_tasks=2)
+        gf.task_gradients(shared, lambda p: p["layer"]["weight"].sum(1)[:2], num_tasks=2)
     layer = torch.nn.Linear(3, 2)
     gn = gf.GradNorm(layer, 1.5, 2, sync=True)
     with pytest.raises(RuntimeError, match="sync=True.*init_process_group"):
         gn.step(layer(torch.ones(4, 3)).mean(0))
+    with pytest.raises(RuntimeError, match="sync=True.*init_process_group"):
+        gn(layer(torch.ones(4, 3)).mean(0)).backward()
