@@ -766,15 +766,19 @@ def test_a_task_whose_coefficient_is_zero(flow):
 
 @pytest.mark.parametrize("flow", FORWARD_FLOWS)
 def test_fast_flow_norms_stay_exact_when_a_weight_reaches_the_edge_of_float32(flow):
-    """An SGD step with a huge lr drives a weight far below min_weight after renormalising; the
-    next forward flows must still see the exact norms of grad_W L_i (the fork divides the
-    cotangents by w_i, so a subnormal w_i would lose their digits)."""
+    """An SGD step with a huge lr would drive a weight below float32's smallest normal number
+    after renormalising: that update is skipped (with a warning), so the forward flows, which
+    divide the cotangents by w_i, keep seeing the exact norms of grad_W L_i."""
     model, gn, x, y = wrapped(flow, optimizer="sgd", lr=1e10, min_weight=1e-30)
     shared = list(model.last_shared_layer.parameters())
     for k in range(3):
         L = per_task_mse(model(x[8 * k:8 * k + 32]), y[8 * k:8 * k + 32])
         norms = naive_norms(L, shared)
-        gn(L).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gn(L).backward()
+        assert all("positive normal numbers" in str(w.message) for w in caught)
+        assert bool(gn.skipped) or bool((gn.w_i >= torch.finfo(torch.float32).tiny).all())
         assert gn.aux is not None
         assert_valid_weights(gn.w_i, 3.0)
         assert_close_to(gn.aux.grad_norms, norms, rtol=1e-5,
