@@ -23,7 +23,11 @@ import amp_train  # noqa: E402
 import functional_step  # noqa: E402
 import plain_loop  # noqa: E402
 
-from versions import needs_cpu_grad_scaler, needs_fullgraph_compile  # noqa: E402
+from versions import (  # noqa: E402
+    needs_cpu_grad_scaler,
+    needs_fullgraph_compile,
+    needs_transformers_torch,
+)
 
 from gradnorm_func import GradNorm  # noqa: E402
 from gradnorm_func.repro.toy import ToyMultiTaskNet, per_task_mse, toy_regression  # noqa: E402
@@ -181,6 +185,7 @@ def test_lightning_accumulate_grad_batches_equals_the_full_batch(lightning_train
     assert (gn.w_i - 1).abs().max() > 0.05
 
 
+@needs_transformers_torch
 def test_hf_trainer_checkpoints_and_resumes_bit_identically(tmp_path, monkeypatch):
     """A randomly initialised BERT with three task heads, GradNorm in compute_loss, gradient
     accumulation 2: resuming from checkpoint-4 of 8 gives the uninterrupted run's model and
@@ -211,6 +216,7 @@ def test_hf_trainer_checkpoints_and_resumes_bit_identically(tmp_path, monkeypatc
     assert abs(float(initial[0]) - math.log(hf_trainer.NUM_TAGS)) < 0.3
 
 
+@needs_transformers_torch
 def test_hf_model_reloads_with_from_pretrained(tmp_path, monkeypatch):
     """``save_pretrained`` / ``from_pretrained``, the usual way to load a trained Hugging Face
     model, keeps the GradNorm state. ``from_pretrained`` builds the model under

@@ -22,3 +22,8 @@ needs_cpu_grad_scaler = pytest.mark.skipif(
 # 2.1.2's annotations make it report Any and wrong return types in tensor arithmetic.
 needs_typed_torch = pytest.mark.skipif(
     TorchVersion(torch.__version__) < "2.9", reason="mypy --strict is checked against torch >= 2.9")
+
+# transformers 5, which the Hugging Face Trainer example uses, disables its PyTorch models
+# below torch 2.6.
+needs_transformers_torch = pytest.mark.skipif(
+    not COMPILES_FULLGRAPH, reason="transformers 5 needs torch >= 2.6")
