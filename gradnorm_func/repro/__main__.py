@@ -157,7 +157,8 @@ def run_toy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         for name, sigmas in problems.items():
             tqdm.write(f"toy {name}: sigma = {[round(s, 3) for s in sigmas.tolist()]}")
 
-            def data_for_seed(seed: int, sigmas: torch.Tensor = sigmas, name: str = name) -> ToyData:
+            def data_for_seed(seed: int, sigmas: torch.Tensor = sigmas,
+                              name: str = name) -> ToyData:
                 data = make_data(sigmas, seed=seed, n_train=args.n_train, n_test=args.n_test,
                                  input_law=args.input_law, scale_reading=args.scale_reading)
                 saturation.setdefault(name, []).append(float(data.saturation))
@@ -170,13 +171,15 @@ def run_toy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     verdicts = all_claims(two, ten, sig10)
     summaries = {name: {**summarise(runs[name], sigmas), "saturation": saturation[name]}
                  for name, sigmas in problems.items()}
-    notes = [note for name in problems for note in
-             rising_note(name, {str(m): r for m, r in runs[name].items()}, NAMES, args, "toy", config.steps)]
+    notes = [note for name in problems
+             for note in rising_note(name, {str(m): r for m, r in runs[name].items()}, NAMES,
+                                     args, "toy", config.steps)]
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     for name, sigmas in problems.items():
-        title = (f"{name}, alpha={args.alpha}, x {args.input_law}, N(0, s) as {args.scale_reading}, "
-                 f"{args.optimizer} lr={args.lr}, {len(seeds)} seeds")
+        title = (f"{name}, alpha={args.alpha}, x {args.input_law}, "
+                 f"N(0, s) as {args.scale_reading}, {args.optimizer} lr={args.lr}, "
+                 f"{len(seeds)} seeds")
         figure(runs[name], sigmas, title, figures / f"toy_{name.replace('=', '')}.png")
     settings = {**settings_of(args, "toy", seeds, config),
                 "wall_time_s": round(time.perf_counter() - start, 1)}

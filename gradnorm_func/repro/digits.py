@@ -144,8 +144,9 @@ def digits_metrics(output: Tensor, y: Tensor) -> Tensor:
 
 def log_c_initial_losses(y_train: Tensor) -> Tensor:
     """L_i(0) = log C_i for the classification tasks (the theoretical initial loss Chen et al.
-    2018 suggest in Section 3 when the first loss depends heavily on initialisation), and for ink the loss of a zero prediction, mean(y^2) over the training set,
-    which the near-zero initial outputs approach."""
+    2018 suggest in Section 3 when the first loss depends heavily on initialisation), and for
+    ink the loss of a zero prediction, mean(y^2) over the training set, which the near-zero
+    initial outputs approach."""
     return torch.tensor([math.log(c) if c else float(y_train[:, i].square().mean())
                          for i, c in enumerate(CLASSES)])
 

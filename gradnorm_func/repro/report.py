@@ -118,7 +118,8 @@ def verdict_lines(verdicts: list[dict[str, Any]]) -> list[str]:
     lines = []
     for v in verdicts:
         claim = v["claim"]
-        head = f"Claim {claim} ({CLAIMS[claim]}): **{'reproduced' if v['holds'] else 'not reproduced'}**."
+        word = "reproduced" if v["holds"] else "not reproduced"
+        head = f"Claim {claim} ({CLAIMS[claim]}): **{word}**."
         if claim == 1:
             ratios = v["equal_final_loss_ratios"]
             suppressed = sum(q[0] > q[1] for q in ratios)
@@ -131,7 +132,8 @@ def verdict_lines(verdicts: list[dict[str, Any]]) -> list[str]:
         elif claim == 2:
             body = loss_comparison(v["gradnorm_vs_equal"], "GradNorm", "equal weights") + "."
         elif claim == 3:
-            rhos = ", ".join("undefined" if r is None else f"{r:.3g}" for r in v["spearman_per_seed"])
+            rhos = ", ".join("undefined" if r is None else f"{r:.3g}"
+                             for r in v["spearman_per_seed"])
             mean = "undefined" if v["spearman_mean"] is None else f"{v['spearman_mean']:.3g}"
             body = (f"Spearman(final w, sigma) per seed: {rhos} (mean {mean}; the criterion is "
                     f"< 0 in every seed and a mean <= -0.8).")

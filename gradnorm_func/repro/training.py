@@ -34,7 +34,7 @@ Kind = Literal["equal", "gradnorm", "uncertainty", "dwa"]
 NetOptimizer = Literal["adam", "sgd"]
 SHARED = ("last_shared_layer.weight", "last_shared_layer.bias")  # GradNorm's W
 LossesFn = Callable[[Tensor, Tensor], Tensor]  # (model output, targets) -> Tensor[T] of L_i
-EvaluateFn = Callable[[ToyMultiTaskNet], tuple[Tensor, Tensor]]  # model -> (test L_i, test metric_i)
+EvaluateFn = Callable[[ToyMultiTaskNet], tuple[Tensor, Tensor]]  # model -> (test L_i, metric_i)
 
 
 class Weighting(NamedTuple):

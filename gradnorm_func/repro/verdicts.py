@@ -81,8 +81,9 @@ def improvement(better: Sequence[float], worse: Sequence[float]) -> dict[str, An
     mean_diff = sum(diffs) / len(diffs)
     mean_better, mean_worse = sum(better) / len(better), sum(worse) / len(worse)
     return {"mean_better": mean_better, "mean_worse": mean_worse, "mean_difference": mean_diff,
-            "relative_improvement": mean_diff / mean_worse if mean_worse else None, "wins": wins, "seeds": len(diffs),
-            "sign_test_p": p, "holds": bool(mean_diff > 0 and p <= SIGN_TEST_LEVEL)}
+            "relative_improvement": mean_diff / mean_worse if mean_worse else None,
+            "wins": wins, "seeds": len(diffs), "sign_test_p": p,
+            "holds": bool(mean_diff > 0 and p <= SIGN_TEST_LEVEL)}
 
 
 def delta_m(metrics: Sequence[float], baseline: Sequence[float],
