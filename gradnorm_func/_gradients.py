@@ -48,7 +48,7 @@ def task_gradients(params: Params, losses_fn: LossesFn, *, num_tasks: int
         return check_task_vector("losses_fn(params)", losses_fn(p), num_tasks)
 
     task_losses, pullback = torch.func.vjp(checked_losses, params)  # type: ignore[misc, unused-ignore]
-    one_hot = torch.eye(num_tasks, dtype=task_losses.dtype, device=task_losses.device)
+    one_hot = torch.eye(num_tasks, device=task_losses.device).to(task_losses.dtype)
     (task_grads,) = torch.func.vmap(pullback)(one_hot)
     return task_losses, task_grads
 

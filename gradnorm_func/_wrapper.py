@@ -373,7 +373,7 @@ class GradNorm(nn.Module):
         try:
             grads = self._fork.gradients_now(L_i, records) if records else None
             if grads is None:
-                one_hot = torch.eye(self.number_of_tasks, dtype=L_i.dtype, device=L_i.device)
+                one_hot = torch.eye(self.number_of_tasks, device=L_i.device).to(L_i.dtype)
                 found = torch.autograd.grad(L_i, self._shared, grad_outputs=one_hot,
                                             is_grads_batched=True, retain_graph=True,
                                             allow_unused=True)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from versions import COMPILES_FULLGRAPH
+from versions import COMPILES_FULLGRAPH, counts_collectives
 
 import gradnorm_func as gf
 
@@ -112,6 +112,7 @@ def test_nan_on_one_rank_skips_the_update_on_every_rank(ranks):
     assert torch.isfinite(poisoned["weights"]).all()
 
 
+@counts_collectives
 def test_accumulation_makes_one_all_reduce_per_window_and_equals_the_full_batch(ranks):
     """accumulation_steps=2 under DDP: GradNorm issues exactly one collective per window on
     its process group (plus, in the first window only, the one check that the ranks agree

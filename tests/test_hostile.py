@@ -34,7 +34,7 @@ import torch
 from oracle import NaiveGradNorm
 from torch import Tensor, nn
 from torch.func import functional_call
-from versions import needs_cpu_grad_scaler, needs_fullgraph_compile
+from versions import needs_cpu_grad_scaler, needs_cpu_half_matmul, needs_fullgraph_compile
 
 import gradnorm_func as gf
 from gradnorm_func.repro.toy import ToyMultiTaskNet, per_task_mse, toy_regression
@@ -893,7 +893,8 @@ def test_a_nan_micro_batch_skips_its_accumulation_window(flow):
     assert (int(gn.update_count), int(gn.skipped_count), bool(gn.skipped)) == (1, 1, False)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16,
+                                   pytest.param(torch.float16, marks=needs_cpu_half_matmul)])
 @pytest.mark.parametrize("api", ["step", *WRAPPER])
 def test_a_half_precision_model_keeps_a_float32_state(api, dtype):
     """A model in bfloat16 or float16: the losses and norms are cast to the float32 state, and

@@ -27,3 +27,13 @@ needs_typed_torch = pytest.mark.skipif(
 # below torch 2.6.
 needs_transformers_torch = pytest.mark.skipif(
     not COMPILES_FULLGRAPH, reason="transformers 5 needs torch >= 2.6")
+
+# Counting GradNorm's collectives: torch 2.4.1 and later issue one collective per functional
+# all_reduce; torch 2.1.2 advances the group's sequence number twice for it.
+counts_collectives = pytest.mark.skipif(
+    TorchVersion(torch.__version__) < "2.4",
+    reason="the collective count is checked with torch >= 2.4 (2.1 counts two per all_reduce)")
+
+# A float16 model on the CPU: torch 2.1.2 has no float16 addmm there; 2.4.1 has.
+needs_cpu_half_matmul = pytest.mark.skipif(
+    TorchVersion(torch.__version__) < "2.4", reason="float16 matmul on the CPU needs torch >= 2.4")
