@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from gradnorm_func._segments import (
     LayerCall,
     activation_derivative,
-    elementwise_activation,
     closed_form_layer,
+    elementwise_activation,
     layer_task_gradients,
 )
 

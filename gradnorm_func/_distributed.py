@@ -26,7 +26,7 @@ from gradnorm_func._types import BatchSize, Params
 
 
 def resolve_group(process_group: dist.ProcessGroup | None, sync: bool | None
-               ) -> dist.ProcessGroup | None:
+                  ) -> dist.ProcessGroup | None:
     """The group to synchronise over, or None for a single-process step.
 
     Args:

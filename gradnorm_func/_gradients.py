@@ -47,7 +47,8 @@ def task_gradients(params: Params, losses_fn: LossesFn, *, num_tasks: int
     def checked_losses(p: Params) -> Tensor:
         return check_task_vector("losses_fn(params)", losses_fn(p), num_tasks)
 
-    task_losses, pullback = torch.func.vjp(checked_losses, params)  # type: ignore[misc, unused-ignore]
+    task_losses, pullback = torch.func.vjp(  # type: ignore[misc, unused-ignore]
+        checked_losses, params)
     one_hot = torch.eye(num_tasks, device=task_losses.device).to(task_losses.dtype)
     (task_grads,) = torch.func.vmap(pullback)(one_hot)
     return task_losses, task_grads

@@ -48,7 +48,8 @@ def closed_form_layer(layer: object, params: list[Tensor]) -> ClosedFormLayer | 
     return layer if same else None
 
 
-def elementwise_activation(z: Tensor, call: LayerCall) -> tuple[bool, torch.autograd.graph.Node | None]:
+def elementwise_activation(z: Tensor, call: LayerCall
+                           ) -> tuple[bool, torch.autograd.graph.Node | None]:
     """Whether z is the layer's output or an elementwise activation of it, and that
     activation's node (None when z is the output itself)."""
     node = z.grad_fn

@@ -1,4 +1,4 @@
-"""The task-weight update: SGD or Adam with warm-up, a positive floor, then sum S; bad steps skip."""
+"""The task-weight update: SGD or Adam, a positive floor, then sum S; a bad step is skipped."""
 
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ def update(state: GradNormState, grads: Tensor, *, aux: GradNormAux | None = Non
     ``skipped`` set and ``skipped_count`` incremented) when any task's loss or gradient norm
     is not finite and positive (``aux.valid_losses``, ``aux.valid_norms``), when L_grad or
     ``grads`` are not finite, or when the new weights would not be finite, positive normal
-    numbers or the second moments (g^2) would overflow the state's dtype. All of it is decided in the graph, without reading a value; in eager CPU code
-    a :class:`SkippedUpdateWarning` says so (on the 1st, 2nd, 4th, ... skip).
+    numbers or the second moments (g^2) would overflow the state's dtype. All of it is
+    decided in the graph, without reading a value; in eager CPU code a
+    :class:`SkippedUpdateWarning` says so (on the 1st, 2nd, 4th, ... skip).
     Pure: ``state`` is not modified and the result has no autograd history.
 
     Args:

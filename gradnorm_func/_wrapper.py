@@ -1,4 +1,7 @@
-"""``GradNorm``: a module that balances the task losses of any training loop; the maths is the core's."""
+"""``GradNorm``: a module that balances the task losses of any training loop.
+
+The module keeps the state, the hooks and the order of the flows; the maths is the core's.
+"""
 
 from __future__ import annotations
 
@@ -195,7 +198,8 @@ class GradNorm(nn.Module):
         self.hyper = _HyperParams()
         for name, value in state.hyper._asdict().items():
             self.hyper.register_buffer(name, value)
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=state.weights.device))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64,
+                                                  device=state.weights.device))
         self._known_buffers = self._buffer_objects()  # to notice buffers replaced from outside
         self.aux: GradNormAux | None = None  # the latest step's losses, norms, targets, ...
         self.process_group = process_group
@@ -245,11 +249,12 @@ class GradNorm(nn.Module):
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GradNorm:
         """Moves the buffers with the model but keeps their dtypes: a model cast to half
-        precision must not round the state (see :func:`~gradnorm_func._checks.check_state_dtype`)."""
+        precision must not round the state (see ``check_state_dtype``)."""
         def move_only(t: Tensor) -> Tensor:
             device = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
             return t.to(device)
-        moved: GradNorm = super()._apply(move_only, recurse)  # type: ignore[no-untyped-call, unused-ignore]
+        moved: GradNorm = super()._apply(  # type: ignore[no-untyped-call, unused-ignore]
+            move_only, recurse)
         self._known_buffers = self._buffer_objects()  # a move is not a load: nothing to check
         return moved
 
@@ -285,7 +290,8 @@ class GradNorm(nn.Module):
                              f"GradNorm has number_of_tasks={self.number_of_tasks}")
         steps = flat.get("steps", torch.zeros((), dtype=torch.int64))
         if not isinstance(steps, Tensor) or steps.shape != () or int(steps) < 0:
-            raise ValueError(f"state entry 'steps' must be a non-negative 0-d tensor, got {steps!r}")
+            raise ValueError(f"state entry 'steps' must be a non-negative 0-d tensor, "
+                             f"got {steps!r}")
         self._set_state(state)
         self.steps = steps.detach().to(dtype=torch.int64, device=device).clone()
         self._steps, self._micro_batches, self._sums, self._pending = int(steps), 0, None, None
@@ -353,7 +359,8 @@ class GradNorm(nn.Module):
     def _warn_later(self, state: GradNormState, aux: GradNormAux) -> None:
         """On CUDA, where reading the skip flag would sync, copy its summary to the host
         asynchronously and warn once the copy has landed (the core warns on the CPU)."""
-        done = [bool(event.query()) for event, _ in self._deferred]  # type: ignore[no-untyped-call, unused-ignore]
+        done = [bool(event.query())  # type: ignore[no-untyped-call, unused-ignore]
+                for event, _ in self._deferred]
         ready = [summary for (_, summary), landed in zip(self._deferred, done) if landed]
         self._deferred = [item for item, landed in zip(self._deferred, done) if not landed]
         for summary in ready:
@@ -429,7 +436,8 @@ class GradNorm(nn.Module):
                     record.armed = True
             else:
                 ticket.grads = self._gradients_now(L_i, [])
-            L_i.register_hook(partial(self._on_loss_gradient, ticket))  # type: ignore[no-untyped-call]
+            L_i.register_hook(  # type: ignore[no-untyped-call]
+                partial(self._on_loss_gradient, ticket))
         return loss
 
     def _on_loss_gradient(self, ticket: _Ticket, grad: Tensor) -> None:
@@ -510,7 +518,8 @@ class GradNorm(nn.Module):
         if lr is not None:
             lr = check_real("lr", lr, low=0.0, low_inclusive=False)
             check_held("lr", lr, state.weights.dtype, low=0.0, low_inclusive=False)
-            state = state._replace(hyper=state.hyper._replace(lr=torch.full_like(state.hyper.lr, lr)))
+            new_lr = torch.full_like(state.hyper.lr, lr)
+            state = state._replace(hyper=state.hyper._replace(lr=new_lr))
         new_state = update(state, grads, aux=aux)._replace(hyper=self.state.hyper)
         self._set_state(new_state)
         self.aux = aux

@@ -31,14 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradnorm_func.repro.toy import ToyMultiTaskNet
-from gradnorm_func.repro.training import (
-    RunRecord,
-    TrainConfig,
-    Weighting,
-    batch_order,
-    init_model,
-    train,
-)
+from gradnorm_func.repro.training import (RunRecord, TrainConfig, Weighting, batch_order,
+                                          init_model, train)
 
 SIDE, CANVAS, OFFSET = 8, 12, 4  # source side, canvas side, offset of the second digit
 TASKS = ("digit 1", "digit 2", "parity", "ink")
