@@ -28,7 +28,9 @@ from gradnorm_func._segments import (
     activation_derivative,
     closed_form_layer,
     elementwise_activation,
-    layer_task_gradients,
+    is_relu,
+    layer_gradients,
+    linear_task_gradients,
 )
 
 _LOOP_TASKS = 4  # up to this many tasks, one vjp per task beats one batched vjp (measured)
@@ -42,14 +44,23 @@ class Record:
 
     def __init__(self, source: Tensor, num_tasks: int, closed_form: LayerCall | None,
                  activation: torch.autograd.graph.Node | None) -> None:
-        self.source = source  # z, output of the shared segment
+        self.source: Tensor | None = source  # z, output of the shared segment
         self.stacked: Tensor | None = None  # z_t of shape [T, *z.shape] (``expand``)
         self.views: list[Tensor | None] = [None] * num_tasks  # what head i consumed (``attach``)
-        self.cotangents: list[Tensor | None] = [None] * num_tasks  # c_i, while a backward runs
         self.closed_form = closed_form  # the layer call, when z = f(layer(h)) in closed form
         self.activation = activation  # f's autograd node, or None when z = layer(h)
+        self.derivative: Tensor | None = None  # f'(y), once a backward has asked for it
         self.armed = False  # compute the gradients during the next backward through the fork
         self.grads: list[Tensor] | None = None  # grad_W (a_i L_i), each [T, *W.shape]
+        self.task_grads: list[list[Tensor] | None] = [None] * num_tasks  # per view, as they come
+
+    def release(self) -> None:
+        """Drops the tensors: the hooks on the views keep the record until the graph goes."""
+        self.source, self.stacked, self.closed_form = None, None, None
+        self.derivative, self.grads = None, None
+        self.views = [None] * len(self.views)
+        self.task_grads = [None] * len(self.task_grads)
+        self.armed = False
 
     def fork_tensors(self) -> list[Tensor]:
         """The tensors the heads consumed: z_t, or the views of the heads that ran."""
@@ -95,6 +106,8 @@ class TaskFork:
         self._layer_calls = []  # the closed form needs z to come from exactly one layer call
         closed, activation = elementwise_activation(z, call) if call is not None else (False, None)
         record = Record(z, self.num_tasks, call if closed else None, activation)
+        for stale in self.pending[:1 - _MAX_PENDING]:
+            stale.release()
         self.pending = [*self.pending[1 - _MAX_PENDING:], record]
         return record
 
@@ -127,7 +140,6 @@ class TaskFork:
         record = self.pending[-1] if self.pending else None
         if record is None or record.source is not z or record.stacked is not None:
             record = self._new_record(z)
-            z.register_hook(partial(self._on_source, record))  # type: ignore[no-untyped-call]
         elif record.views[task] is not None:
             raise RuntimeError(
                 f"head {task} was called twice on the same shared representation in one "
@@ -138,53 +150,80 @@ class TaskFork:
         record.views[task] = view
         return (view, *args[1:])
 
-    def take(self) -> list[Record]:
-        """The records of the forwards since the last call, for one GradNorm step."""
+    def take(self, used: bool = True) -> list[Record]:
+        """The records of the forwards since the last call, for one GradNorm step; released
+        at once when the step does not use them."""
         records, self.pending = self.pending, []
         self._layer_calls = []
+        if not used:
+            for record in records:
+                record.release()
+            return []
         return records
 
     # ----------------------------------------------------------------- backward: hooks
     def _on_view(self, record: Record, task: int, grad: Tensor) -> None:
         if record.armed:
-            record.cotangents[task] = grad
-
-    def _on_source(self, record: Record, _: Tensor) -> None:
-        if record.armed:
-            cotangents, record.cotangents = record.cotangents, [None] * self.num_tasks
-            record.armed = False  # the generic vjp below runs z's node again, and this hook
-            record.grads = self._segment_gradients(record, cotangents)
+            record.task_grads[task] = self._task_gradient(record, grad)
 
     def _on_stacked(self, record: Record, grad: Tensor) -> None:
         if record.armed:
             record.armed = False
-            record.grads = self._segment_gradients(record, grad)
+            record.grads = self._stacked_gradients(record, grad)
+
+    def gradients(self, record: Record) -> list[Tensor] | None:
+        """What the backward left in ``record``: grad_W (a_i L_i) stacked on a task axis (zero
+        for a head the backward did not reach), or None when it reached no head."""
+        grads, task_grads = record.grads, record.task_grads
+        record.release()
+        if grads is not None or all(g is None for g in task_grads):
+            return grads
+        return [torch.stack([torch.zeros_like(p) if g is None else g[k] for g in task_grads])
+                for k, p in enumerate(self.params)]
 
     # ----------------------------------------------------------------- the segment
-    def _segment_gradients(self, record: Record, cotangents: Tensor | list[Tensor | None]
-                           ) -> list[Tensor]:
-        """grad_W (a_i L_i) for every task from the T cotangents at z (stacked, or one per task)."""
-        if record.closed_form is not None:
-            assert self._layer is not None
-            stacked = cotangents if isinstance(cotangents, Tensor) else self._stack(cotangents)
-            derivative = activation_derivative(record.source, record.activation)
-            if derivative is not None:
-                stacked = stacked * derivative
-            return layer_task_gradients(self._layer, record.closed_form.inputs, stacked)
-        present = next((c for c in cotangents if c is not None), None)
-        assert present is not None
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, present.numel()))
-        if chunk == 1 or self.num_tasks <= _LOOP_TASKS:
-            return self._gradients_per_task(record, cotangents)
-        stacked = cotangents if isinstance(cotangents, Tensor) else self._stack(cotangents)
-        parts = [self._vjp(record, c, batched=True) for c in torch.split(stacked, chunk)]
+    def _through_activation(self, record: Record, cotangents: Tensor) -> Tensor:
+        """c * f'(y): the cotangents at z carried back to the layer's output y (broadcast
+        over a leading task axis)."""
+        if record.activation is None:
+            return cotangents
+        assert record.source is not None
+        if is_relu(record.activation):
+            masked: Tensor = torch.ops.aten.threshold_backward(cotangents, record.source, 0)
+            return masked
+        if record.derivative is None:
+            record.derivative = activation_derivative(record.source, record.activation)
+        return cotangents * record.derivative
+
+    def _task_gradient(self, record: Record, cotangent: Tensor) -> list[Tensor]:
+        """One task's grad_W (a_i L_i) from its cotangent c_i at z: closed form, or one vjp."""
+        if record.closed_form is None:
+            return self._vjp(record, cotangent, batched=False)
+        assert self._layer is not None
+        return layer_gradients(self._layer, record.closed_form.inputs,
+                               self._through_activation(record, cotangent))
+
+    def _stacked_gradients(self, record: Record, cotangents: Tensor) -> list[Tensor]:
+        """grad_W (a_i L_i) for the T cotangents stacked as [T, *z.shape], each [T, *W.shape].
+
+        A Linear layer takes one batched matmul; a ConvNd one weight-gradient convolution per
+        task. A generic segment takes one plain vjp per task up to ``_LOOP_TASKS`` tasks or
+        when one task's cotangent fills a chunk of ``_CHUNK_ELEMENTS``, otherwise one batched
+        vjp per chunk of tasks, so that it never holds many copies of a large activation.
+        """
+        layer = self._layer
+        if record.closed_form is not None and isinstance(layer, nn.Linear):
+            return linear_task_gradients(layer, record.closed_form.inputs,
+                                         self._through_activation(record, cotangents))
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, cotangents[0].numel()))
+        if record.closed_form is not None or chunk == 1 or self.num_tasks <= _LOOP_TASKS:
+            per_task = [self._task_gradient(record, c) for c in cotangents.unbind(0)]
+            return [torch.stack(grads) for grads in zip(*per_task)]
+        parts = [self._vjp(record, c, batched=True) for c in torch.split(cotangents, chunk)]
         return [torch.cat(grads) if len(grads) > 1 else grads[0] for grads in zip(*parts)]
 
-    def _stack(self, cotangents: list[Tensor | None]) -> Tensor:
-        present = next(c for c in cotangents if c is not None)
-        return torch.stack([torch.zeros_like(present) if c is None else c for c in cotangents])
-
     def _vjp(self, record: Record, cotangent: Tensor, *, batched: bool) -> list[Tensor]:
+        assert record.source is not None
         grads = torch.autograd.grad(record.source, self.params, grad_outputs=cotangent,
                                     is_grads_batched=batched, retain_graph=True,
                                     allow_unused=True)
@@ -195,39 +234,30 @@ class TaskFork:
                              "heads read")
         return [g for g in grads if g is not None]
 
-    def _gradients_per_task(self, record: Record, cotangents: Tensor | list[Tensor | None]
-                            ) -> list[Tensor]:
-        """One plain vjp of the segment per task; each cotangent is released once used."""
-        pending: list[Tensor | None] = (list(cotangents.unbind(0)) if isinstance(cotangents, Tensor)
-                                        else list(cotangents))
-        per_task: list[list[Tensor] | None] = []
-        for task in range(self.num_tasks):
-            c, pending[task] = pending[task], None
-            per_task.append(None if c is None else self._vjp(record, c, batched=False))
-        return [torch.stack([torch.zeros_like(p) if grads is None else grads[k]
-                             for grads in per_task])
-                for k, p in enumerate(self.params)]
-
     # ----------------------------------------------------------------- before the backward
     def gradients_now(self, L_i: Tensor, records: list[Record]) -> list[Tensor] | None:
         """grad_W L_i for every task, [T, *W.shape] per parameter, from ``records``' forks.
 
-        One backward of sum_i L_i through the heads only (the graph is retained), then the
+        Backwards through the heads only, with the graph retained: one for stacked heads, one
+        per head for separate heads (so that one task's cotangent exists at a time), then the
         segment at each fork that L_i reaches. None when L_i reaches none of them.
         """
-        tensors = [t for record in records for t in record.fork_tensors()]
-        found = iter(torch.autograd.grad(L_i, tensors, grad_outputs=torch.ones_like(L_i),
-                                         retain_graph=True, allow_unused=True))
         total: list[Tensor] | None = None
         for record in records:
             if record.stacked is not None:
-                cotangents: Tensor | list[Tensor | None] | None = next(found)
-                reached = cotangents is not None
+                (cotangents,) = torch.autograd.grad(L_i, record.stacked,
+                                                    grad_outputs=torch.ones_like(L_i),
+                                                    retain_graph=True, allow_unused=True)
+                if cotangents is not None:
+                    record.grads = self._stacked_gradients(record, cotangents)
             else:
-                cotangents = [None if v is None else next(found) for v in record.views]
-                reached = any(c is not None for c in cotangents)
-            if reached:
-                assert cotangents is not None
-                grads = self._segment_gradients(record, cotangents)
+                for task, view in enumerate(record.views):
+                    if view is not None:
+                        (cotangent,) = torch.autograd.grad(L_i[task], view, retain_graph=True,
+                                                           allow_unused=True)
+                        if cotangent is not None:
+                            record.task_grads[task] = self._task_gradient(record, cotangent)
+            grads = self.gradients(record)
+            if grads is not None:
                 total = grads if total is None else [a + b for a, b in zip(total, grads)]
         return total

@@ -5,9 +5,9 @@ it, z = f(y), the cotangents c_i = a_i dL_i/dz captured at the fork give every t
 gradient at W without re-entrant autograd (Chen et al. 2018 need only these norms):
 
     c_i^y = c_i * f'(y)
-    Linear:  grad_W (a_i L_i) = (c_i^y)^T h,  grad_b = sum_n c_i^y     (one batched matmul)
-    ConvNd:  grad_W (a_i L_i) = conv_weight_grad(h, c_i^y)            (one weight-gradient
-             convolution with the T tasks stacked on the output channels)
+    Linear:  grad_W (a_i L_i) = (c_i^y)^T h,  grad_b = sum_n c_i^y   (all T: one batched matmul)
+    ConvNd:  grad_W (a_i L_i) = conv_weight_grad(h, c_i^y)          (one weight-gradient
+             convolution per task, so that only one task's c_i^y exists at a time)
 
 Any other segment goes through the generic vjp of :mod:`gradnorm_func._capture`.
 """
@@ -25,7 +25,6 @@ from gradnorm_func._types import ClosedFormLayer
 # Activations whose vjp is elementwise, c * f'(y), by their autograd node's name.
 _ELEMENTWISE = {"Relu", "LeakyRelu", "Gelu", "Silu", "Sigmoid", "Tanh", "Elu", "Hardtanh",
                 "Softplus", "Mish", "Hardswish", "Hardsigmoid"}
-_CONV_CHUNK_ELEMENTS = 1 << 22  # task-stacked cotangent elements per weight-gradient conv
 
 
 class LayerCall(NamedTuple):
@@ -64,23 +63,46 @@ def elementwise_activation(z: Tensor, call: LayerCall
     return False, None
 
 
-def activation_derivative(z: Tensor, activation: torch.autograd.graph.Node | None
-                          ) -> Tensor | None:
-    """f'(y) for z = f(y), by the activation's own vjp of ones; None for no activation.
-    Must run before the backward has executed the activation's node."""
-    if activation is None:
-        return None
+def activation_derivative(z: Tensor, activation: torch.autograd.graph.Node) -> Tensor:
+    """f'(y) for z = f(y), by the activation's own vjp of ones. Must run before the backward
+    has executed the activation's node."""
     derivative: Tensor = activation(torch.ones_like(z))  # type: ignore[operator]
     return derivative
 
 
-def layer_task_gradients(layer: ClosedFormLayer, inputs: Tensor, cotangents: Tensor
-                         ) -> list[Tensor]:
-    """grad_W (a_i L_i) for every task from the cotangents at the layer's output.
+def is_relu(activation: torch.autograd.graph.Node | None) -> bool:
+    """Whether the activation is a ReLU, whose vjp is ``threshold_backward(c, z, 0)``."""
+    return activation is not None and activation.name().startswith("ReluBackward")
+
+
+def layer_gradients(layer: ClosedFormLayer, inputs: Tensor, cotangent: Tensor) -> list[Tensor]:
+    """One task's grad_W (a_i L_i) from its cotangent a_i dL_i/dy at the layer's output y.
+
+    Returns the gradient of the weight, then that of the bias when it is trainable.
+    """
+    dtype = torch.promote_types(cotangent.dtype, inputs.dtype)
+    cotangent, inputs = cotangent.to(dtype), inputs.detach().to(dtype)
+    weight, bias = layer.weight, layer.bias
+    train_bias = bias is not None and bias.requires_grad
+    if isinstance(layer, nn.Linear):
+        c = cotangent.reshape(-1, cotangent.shape[-1])  # [N, d_out]
+        grads = [c.t() @ inputs.reshape(-1, inputs.shape[-1])]
+        return grads + [c.sum(0)] if train_bias else grads
+    spatial = weight.dim() - 2
+    if inputs.dim() == spatial + 1:  # an unbatched input: add the batch axis
+        inputs, cotangent = inputs.unsqueeze(0), cotangent.unsqueeze(0)
+    stand_in = cotangent.new_empty(1).expand(weight.shape)  # only its shape is read
+    grads = [torch.ops.aten.convolution_backward(
+        cotangent, inputs, stand_in, None, list(layer.stride), list(layer.padding),
+        list(layer.dilation), False, [0] * spatial, 1, [False, True, False])[1]]
+    return grads + [cotangent.sum([0, *range(2, cotangent.dim())])] if train_bias else grads
+
+
+def linear_task_gradients(layer: nn.Linear, inputs: Tensor, cotangents: Tensor
+                          ) -> list[Tensor]:
+    """:func:`layer_gradients` of a Linear layer for all T tasks in one batched matmul.
 
     Args:
-        layer: the Linear or ConvNd of :func:`closed_form_layer`.
-        inputs: h, the layer's input.
         cotangents: Tensor[T, *y.shape], a_i dL_i/dy for each task.
 
     Returns:
@@ -88,33 +110,8 @@ def layer_task_gradients(layer: ClosedFormLayer, inputs: Tensor, cotangents: Ten
     """
     num_tasks = cotangents.shape[0]
     dtype = torch.promote_types(cotangents.dtype, inputs.dtype)
-    cotangents, inputs = cotangents.to(dtype), inputs.detach().to(dtype)
-    weight, bias = layer.weight, layer.bias
-    train_bias = bias is not None and bias.requires_grad
-    if isinstance(layer, nn.Linear):
-        c = cotangents.reshape(num_tasks, -1, cotangents.shape[-1])  # [T, N, d_out]
-        h = inputs.reshape(-1, inputs.shape[-1])  # [N, d_in]
-        grads = [torch.bmm(c.transpose(1, 2), h.expand(num_tasks, *h.shape))]
-        if train_bias:
-            grads.append(c.sum(1))
-        return grads
-    conv = layer
-    spatial = weight.dim() - 2  # cotangents: [T, N, C_out, *spatial]
-    if inputs.dim() == spatial + 1:  # an unbatched input: add the batch axis
-        inputs, cotangents = inputs.unsqueeze(0), cotangents.unsqueeze(1)
-    batch, channels = cotangents.shape[1:3]
-    chunk = max(1, _CONV_CHUNK_ELEMENTS // max(1, cotangents[0].numel()))
-    weight_grads = []
-    for part in torch.split(cotangents, chunk):
-        tasks = part.shape[0]
-        grad_out = part.transpose(0, 1).reshape(batch, tasks * channels, *part.shape[3:])
-        stand_in = grad_out.new_empty(1).expand(tasks * channels, *weight.shape[1:])
-        weight_grads.append(torch.ops.aten.convolution_backward(
-            grad_out, inputs, stand_in, None, list(conv.stride),
-            list(conv.padding), list(conv.dilation),
-            False, [0] * spatial, 1, [False, True, False])[1]
-            .view(tasks, *weight.shape))
-    grads = [torch.cat(weight_grads) if len(weight_grads) > 1 else weight_grads[0]]
-    if train_bias:
-        grads.append(cotangents.sum([1, *range(3, cotangents.dim())]))
-    return grads
+    c = cotangents.to(dtype).reshape(num_tasks, -1, cotangents.shape[-1])  # [T, N, d_out]
+    h = inputs.detach().to(dtype).reshape(-1, inputs.shape[-1])  # [N, d_in]
+    grads = [torch.bmm(c.transpose(1, 2), h.expand(num_tasks, *h.shape))]
+    bias = layer.bias
+    return grads + [c.sum(1)] if bias is not None and bias.requires_grad else grads

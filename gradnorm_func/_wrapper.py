@@ -302,8 +302,10 @@ class GradNorm(nn.Module):
 
     def _check_buffers(self) -> None:
         """Validates, once, buffers that a loader replaced without ``load_state_dict``
-        (``from_pretrained`` of transformers assigns each tensor).
-        Costs an identity comparison when nothing changed."""
+        (``from_pretrained`` of transformers assigns each tensor, the weights among them).
+        Costs one identity comparison while the weights are those GradNorm last wrote."""
+        if self._buffers["weights"] is self._known_buffers[0]:
+            return
         current = self._buffer_objects()
         if len(current) != len(self._known_buffers) or any(
                 a is not b for a, b in zip(current, self._known_buffers)):
@@ -428,7 +430,7 @@ class GradNorm(nn.Module):
                                "gradnorm.metrics())")
         self._last_losses = weakref.ref(L_i)
         due, last = self._advance()
-        records = self._fork.take()
+        records = self._fork.take(used=due)
         if due:
             ticket = _Ticket(L_i.detach(), records, last)
             if records:
@@ -449,9 +451,8 @@ class GradNorm(nn.Module):
     def _after_backward(self, ticket: _Ticket) -> None:
         grads = ticket.grads
         if ticket.records:
-            reached = [r.grads for r in ticket.records if r.grads is not None]
-            for record in ticket.records:
-                record.armed, record.grads = False, None
+            found = [self._fork.gradients(record) for record in ticket.records]
+            reached = [g for g in found if g is not None]
             if not reached:
                 raise RuntimeError("the backward reached L_i but not the fork of the heads "
                                    "(heads= or gradnorm.fork) of the forward before it: compute "
@@ -475,7 +476,7 @@ class GradNorm(nn.Module):
             raise ValueError("L_i has no autograd graph: compute it from the model's outputs, "
                              "with grad enabled")
         due, last = self._advance()
-        records = self._fork.take()
+        records = self._fork.take(used=due)
         if due:
             self._accumulate(L_i, self._gradients_now(L_i, records), last)
         return self.w_i
