@@ -18,7 +18,7 @@ A record is used in one of two ways:
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,8 @@ from gradnorm_func._segments import (
 
 _LOOP_TASKS = 4  # up to this many tasks, one vjp per task beats one batched vjp (measured)
 _CHUNK_ELEMENTS = 1 << 18  # cotangent elements per batched vjp of a generic segment
+_ALL_HEADS_ELEMENTS = 1 << 20  # step-first: the most cotangent elements of separate heads
+# taken in one backward; above it, one backward per head, one cotangent alive at a time
 _MAX_PENDING = 8  # records kept for a later GradNorm call; older ones are stale
 FREED_GRAPH = "backward through the graph a second time"  # torch's message, to replace
 
@@ -238,9 +240,10 @@ class TaskFork:
     def gradients_now(self, L_i: Tensor, records: list[Record]) -> list[Tensor] | None:
         """grad_W L_i for every task, [T, *W.shape] per parameter, from ``records``' forks.
 
-        Backwards through the heads only, with the graph retained: one for stacked heads, one
-        per head for separate heads (so that one task's cotangent exists at a time), then the
-        segment at each fork that L_i reaches. None when L_i reaches none of them.
+        Backwards through the heads only, with the graph retained: one for stacked heads; for
+        separate heads one for all of them, or one per head when their cotangents would hold
+        more than ``_ALL_HEADS_ELEMENTS`` elements; then the segment at each fork that L_i
+        reaches. None when L_i reaches none of them.
         """
         total: list[Tensor] | None = None
         for record in records:
@@ -251,12 +254,19 @@ class TaskFork:
                 if cotangents is not None:
                     record.grads = self._stacked_gradients(record, cotangents)
             else:
-                for task, view in enumerate(record.views):
-                    if view is not None:
-                        (cotangent,) = torch.autograd.grad(L_i[task], view, retain_graph=True,
-                                                           allow_unused=True)
-                        if cotangent is not None:
-                            record.task_grads[task] = self._task_gradient(record, cotangent)
+                views = [(task, view) for task, view in enumerate(record.views) if view is not None]
+                assert record.source is not None
+                found: Iterator[Tensor | None]
+                if record.source.numel() * len(views) > _ALL_HEADS_ELEMENTS:
+                    found = (torch.autograd.grad(L_i[task], view, retain_graph=True,
+                                                 allow_unused=True)[0] for task, view in views)
+                else:
+                    found = iter(torch.autograd.grad(L_i, [v for _, v in views],
+                                                     grad_outputs=torch.ones_like(L_i),
+                                                     retain_graph=True, allow_unused=True))
+                for (task, _), cotangent in zip(views, found):
+                    if cotangent is not None:
+                        record.task_grads[task] = self._task_gradient(record, cotangent)
             grads = self.gradients(record)
             if grads is not None:
                 total = grads if total is None else [a + b for a, b in zip(total, grads)]

@@ -117,7 +117,7 @@ class GradNorm(nn.Module):
     or ``z_t = gradnorm.fork(z)`` in the model's forward. GradNorm then takes grad_W L_i from
     the per-task cotangents at the fork, in closed form when W is a Linear or ConvNd layer
     and z its output or an elementwise activation of it. Without a fork, it takes one
-    batched backward of all tasks from L_i. Every use of W must come before the fork.
+    backward per task from L_i. Every use of W must come before the fork.
 
     Args:
         layer: the shared parameters W: an ``nn.Module`` (all its trainable parameters, bias
@@ -378,19 +378,20 @@ class GradNorm(nn.Module):
     # ------------------------------------------------------------------ per-task gradients
     def _gradients_now(self, L_i: Tensor, records: list[Record]) -> list[Tensor]:
         """grad_W L_i for every task while L_i's graph is alive: from the forks, else from
-        one batched backward of all tasks."""
+        one backward per task (a batched backward would hold T copies of every cotangent)."""
         try:
             grads = self._fork.gradients_now(L_i, records) if records else None
-            if grads is None:
-                one_hot = torch.eye(self.number_of_tasks, device=L_i.device).to(L_i.dtype)
-                found = torch.autograd.grad(L_i, self._shared, grad_outputs=one_hot,
-                                            is_grads_batched=True, retain_graph=True,
-                                            allow_unused=True)
-                unused = [name for name, g in zip(self._fork.names, found) if g is None]
+            if grads is None:  # one backward per task: each walks only what its loss uses
+                per_task = [torch.autograd.grad(loss, self._shared, retain_graph=True,
+                                                allow_unused=True) for loss in L_i.unbind()]
+                unused = [name for k, name in enumerate(self._fork.names)
+                          if all(found[k] is None for found in per_task)]
                 if unused:
                     raise ValueError(f"the task losses do not depend on shared parameter(s) "
                                      f"{unused}: pass the last layer that every task uses")
-                grads = [g for g in found if g is not None]
+                grads = [torch.stack([torch.zeros_like(p) if found[k] is None else found[k]
+                                      for found in per_task])
+                         for k, p in enumerate(self._shared)]
         except RuntimeError as error:
             if FREED_GRAPH not in str(error):
                 raise
