@@ -35,7 +35,7 @@ from gradnorm_func._segments import (
 
 _LOOP_TASKS = 4  # up to this many tasks, one vjp per task beats one batched vjp (measured)
 _CHUNK_ELEMENTS = 1 << 18  # cotangent elements per batched vjp of a generic segment
-_ALL_HEADS_ELEMENTS = 1 << 20  # step-first: the most cotangent elements of separate heads
+_ALL_HEADS_ELEMENTS = 1 << 22  # step-first: the most cotangent elements of separate heads
 # taken in one backward; above it, one backward per head, one cotangent alive at a time
 _MAX_PENDING = 8  # records kept for a later GradNorm call; older ones are stale
 FREED_GRAPH = "backward through the graph a second time"  # torch's message, to replace
