@@ -120,3 +120,29 @@ def test_gradient_of_loss_grad_is_sign_times_norm_and_never_reaches_params():
     torch.testing.assert_close(grads[0], expected)
     assert all(g is None for g in grads[1:])
     torch.testing.assert_close(loss_grad.detach(), (aux.weighted_norms - aux.targets).abs().sum())
+
+
+def test_functional_accumulation_of_4_micro_batches_equals_the_full_batch():
+    """task_gradients on 4 micro-batches of 25, averaged, then step_from_gradients: the update
+    of step() on the batch of 100 (float64, 1e-6)."""
+    tasks = DriftingTasks(3, seed=5, batch=100)
+    full = accumulated = gf.init_state(3, alpha=1.5, dtype=torch.float64)
+    for _ in range(6):
+        params = tasks.params()
+        shared = {k: params[k] for k in SHARED}
+        full, _ = gf.step(full, shared, lambda p: tasks.losses_with({**params, **p}))
+        x, y = tasks.x, tasks.y
+        sum_losses, sum_grads = torch.zeros(3, dtype=torch.float64), None
+        for rows in torch.arange(100).split(25):
+            tasks.x, tasks.y = x[rows], y[rows]
+            losses, grads = gf.task_gradients(
+                shared, lambda p: tasks.losses_with({**params, **p}), num_tasks=3)
+            sum_losses = sum_losses + losses
+            sum_grads = grads if sum_grads is None else {k: sum_grads[k] + g
+                                                         for k, g in grads.items()}
+        tasks.x, tasks.y = x, y
+        accumulated, _ = gf.step_from_gradients(
+            accumulated, sum_losses / 4, {k: g / 4 for k, g in sum_grads.items()})
+        torch.testing.assert_close(accumulated.weights, full.weights, rtol=1e-6, atol=1e-6)
+        tasks.advance(full.weights)
+    assert (full.weights - 1).abs().max() > 1e-3
