@@ -64,12 +64,6 @@ class Record:
         self.task_grads = [None] * len(self.task_grads)
         self.armed = False
 
-    def fork_tensors(self) -> list[Tensor]:
-        """The tensors the heads consumed: z_t, or the views of the heads that ran."""
-        if self.stacked is not None:
-            return [self.stacked]
-        return [v for v in self.views if v is not None]
-
 
 class TaskFork:
     """Per-task views of z for the heads, and grad_W (a_i L_i) from the cotangents they receive.
@@ -90,9 +84,8 @@ class TaskFork:
         self.pending: list[Record] = []
         self._layer = closed_form_layer(layer, self.params)
         self._layer_calls: list[LayerCall] = []  # calls of the layer since the last record
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
         if self._layer is not None:
-            self.handles.append(self._layer.register_forward_hook(self._on_layer))
+            self._layer.register_forward_hook(self._on_layer)
 
     # ----------------------------------------------------------------- forward: records
     def _active(self, z: object) -> bool:
@@ -131,8 +124,8 @@ class TaskFork:
         if len(heads) != self.num_tasks or not all(isinstance(h, nn.Module) for h in heads):
             raise ValueError(f"heads must hold one nn.Module per task ({self.num_tasks}), "
                              f"got {[type(h).__name__ for h in heads]}")
-        self.handles += [head.register_forward_pre_hook(partial(self._head_input, i))
-                         for i, head in enumerate(heads)]
+        for i, head in enumerate(heads):
+            head.register_forward_pre_hook(partial(self._head_input, i))
 
     def _head_input(self, task: int, _: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         z = args[0] if args else None

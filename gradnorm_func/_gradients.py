@@ -38,12 +38,13 @@ def task_gradients(params: Params, losses_fn: LossesFn, *, num_tasks: int
         ``params`` gets zeros, which :func:`update` reports and skips.
     """
     check_num_tasks(num_tasks)
-    if any(is_sharded(leaf) for leaf in pytree.tree_flatten(params)[0]):
-        paths, leaves, _ = optree.tree_flatten_with_path(params)  # names, for the error only
-        check_unsharded([(".".join(map(str, path)) or "params", leaf)
-                         for path, leaf in zip(paths, leaves)])
-    if not pytree.tree_flatten(params)[0]:
+    leaves = pytree.tree_flatten(params)[0]
+    if not leaves:
         raise ValueError("the shared parameters are empty: pass at least one tensor")
+    if any(is_sharded(leaf) for leaf in leaves):
+        paths, named_leaves, _ = optree.tree_flatten_with_path(params)  # names, for the error
+        check_unsharded([(".".join(map(str, path)) or "params", leaf)
+                         for path, leaf in zip(paths, named_leaves)])
     def checked_losses(p: Params) -> Tensor:
         return check_task_vector("losses_fn(params)", losses_fn(p), num_tasks)
 

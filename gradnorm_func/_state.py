@@ -184,14 +184,6 @@ def init_state(
     )
 
 
-def state_to(state: GradNormState, device: torch.device | str) -> GradNormState:
-    """``state`` with every tensor detached and moved to ``device``."""
-    hyper = GradNormHyperParams(*(t.detach().to(device) for t in state.hyper))
-    fields = {name: getattr(state, name).detach().to(device)
-              for name in GradNormState._fields if name != "hyper"}
-    return GradNormState(**fields, hyper=hyper)
-
-
 def state_to_dict(state: GradNormState) -> dict[str, Tensor]:
     """Flattens ``state`` into a ``{name: tensor}`` dict for ``torch.save`` or a checkpoint.
 

@@ -401,6 +401,12 @@ class GradNorm(nn.Module):
                 "call gradnorm.step(L_i) before loss.backward()") from None
         return grads
 
+    def _require_graph(self, L_i: Tensor) -> None:
+        if not L_i.requires_grad:
+            raise ValueError("L_i has no autograd graph: compute it from the model's outputs, "
+                             "with grad enabled (in evaluation, call gradnorm.eval() or use "
+                             "torch.no_grad(), and gradnorm(L_i) only weights the losses)")
+
     def _check_losses(self, L_i: Tensor) -> Tensor:
         check_task_vector("L_i", L_i, self.number_of_tasks)
         self._follow_layer()
@@ -421,10 +427,7 @@ class GradNorm(nn.Module):
         loss = (self.weights * self._check_losses(L_i)).sum()
         if not (self.training and torch.is_grad_enabled()):
             return loss
-        if not L_i.requires_grad:
-            raise ValueError("L_i has no autograd graph: compute it from the model's outputs, "
-                             "with grad enabled (in evaluation, call gradnorm.eval() or use "
-                             "torch.no_grad(), and gradnorm(L_i) only weights the losses)")
+        self._require_graph(L_i)
         if self._last_losses is not None and self._last_losses() is L_i:
             raise RuntimeError("gradnorm(L_i) was already called on these losses: call it once "
                                "per (micro-)batch and reuse the loss it returned (log with "
@@ -472,10 +475,7 @@ class GradNorm(nn.Module):
         Compute the training loss with ``w_i`` *before* calling this (Algorithm 1 updates the
         network with w(t)), then call ``loss.backward()``. Returns the new ``w_i``.
         """
-        self._check_losses(L_i)
-        if not L_i.requires_grad:
-            raise ValueError("L_i has no autograd graph: compute it from the model's outputs, "
-                             "with grad enabled")
+        self._require_graph(self._check_losses(L_i))
         due, last = self._advance()
         records = self._fork.take(used=due)
         if due:
@@ -491,10 +491,7 @@ class GradNorm(nn.Module):
             raise ValueError("gradnorm()/apply_grads() make one update per call: with "
                              "accumulation_steps or update_every, use loss = gradnorm(L_i) "
                              "or gradnorm.step(L_i)")
-        self._check_losses(L_i)
-        if not L_i.requires_grad:
-            raise ValueError("L_i has no autograd graph: compute it from the model's outputs, "
-                             "with grad enabled")
+        self._require_graph(self._check_losses(L_i))
         self._advance()
         grads = self._gradients_now(L_i, self._fork.take())
         task_losses, norms = global_norms(L_i.detach(), grads, process_group=self._sync_group(),
