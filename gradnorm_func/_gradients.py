@@ -7,6 +7,9 @@ over the ranks when a process group is given, then normed.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import optree
 import torch
 import torch.distributed as dist
@@ -15,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from gradnorm_func._checks import check_num_tasks, check_task_vector
 from gradnorm_func._distributed import check_unsharded, is_sharded, sync_task_gradients
+from gradnorm_func._host import readable
 from gradnorm_func._types import BatchSize, LossesFn, Params
 
 
@@ -58,20 +62,35 @@ def task_gradients(params: Params, losses_fn: LossesFn, *, num_tasks: int
 def gradient_norms(task_grads: Params) -> Tensor:
     """n_i = sqrt(sum over leaves and elements of g_i^2) for leaves with a leading task axis.
 
-    Computed in float64 (float32 on MPS, which has no float64), so that squares of tiny or
-    huge entries (1e-30, 1e25) neither underflow nor overflow, and bfloat16 or float16
-    gradients do not lose the norm to rounding. Returns Tensor[T].
+    Exact to the gradients' precision over their whole range: squares of tiny or huge
+    float32 entries (1e-30, 1e25) would underflow or overflow, and bfloat16 or float16
+    gradients would lose the norm to rounding. In eager CPU code the norms are taken in the
+    gradients' own precision (float32 at least) and kept when every n_i lies where no square
+    can have left the range, sqrt(N tiny / eps) <= n_i < inf with N elements per task (read
+    on the host, which costs no sync there); otherwise, and always on other devices and under
+    ``torch.compile``, they are taken in float64 (float32 on MPS, which has no float64).
+    Returns Tensor[T].
     """
-    leaves = pytree.tree_flatten(task_grads)[0]
+    leaves = [leaf.detach().flatten(1) for leaf in pytree.tree_flatten(task_grads)[0]]
     if not leaves:
         raise ValueError("the shared parameters are empty: pass at least one tensor")
-    def norm(tensor: Tensor, dim: int) -> Tensor:
-        dtype = torch.float32 if tensor.device.type == "mps" else torch.float64
-        result: Tensor = torch.linalg.vector_norm(tensor, dim=dim, dtype=dtype)
-        return result
+    wide = torch.float32 if leaves[0].device.type == "mps" else torch.float64
+    own = functools.reduce(torch.promote_types, [leaf.dtype for leaf in leaves], torch.float32)
+    if own != wide and readable(*leaves):
+        norms = _norms(leaves, own)
+        info = torch.finfo(own)
+        lowest, highest = torch.aminmax(norms)  # NaN fails both comparisons
+        elements = sum(leaf.shape[1] for leaf in leaves)
+        if float(highest) < math.inf and float(lowest) >= math.sqrt(
+                elements * info.tiny / info.eps):
+            return norms
+    return _norms(leaves, wide)
 
-    norms = [norm(leaf.detach().flatten(1), 1) for leaf in leaves]
-    return norms[0] if len(norms) == 1 else norm(torch.stack(norms), 0)
+
+def _norms(leaves: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """The norms over dim 1 of the [T, N_k] leaves, taken together, computed in ``dtype``."""
+    norms: list[Tensor] = [torch.linalg.vector_norm(leaf, dim=1, dtype=dtype) for leaf in leaves]
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
 
 
 def global_norms(task_losses: Tensor, task_grads: Params, *,

@@ -7,24 +7,13 @@ import warnings
 import torch
 from torch import Tensor
 
+from gradnorm_func._host import readable
 from gradnorm_func._objective import GradNormAux
 from gradnorm_func._state import GradNormState
 
 
 class SkippedUpdateWarning(UserWarning):
     """GradNorm skipped a weight update because an input or its result was bad."""
-
-
-def tracing() -> bool:
-    """Whether the code is being traced by ``torch.compile``, where no value can be read."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling is not None and is_compiling())
-
-
-def readable(tensor: Tensor) -> bool:
-    """Whether reading ``tensor`` costs no device sync and no graph break: eager, on the CPU."""
-    return (tensor.device.type == "cpu" and not tracing()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
 
 
 def skip_summary(state: GradNormState, aux: GradNormAux) -> Tensor:

@@ -17,16 +17,17 @@ from torch import Tensor, nn
 from gradnorm_func._capture import FREED_GRAPH, Record, TaskFork
 from gradnorm_func._checks import check_count, check_held, check_real, check_task_vector
 from gradnorm_func._distributed import check_same_tasks, check_unsharded, resolve_group
-from gradnorm_func._gradients import global_norms
+from gradnorm_func._gradients import global_norms, gradient_norms
 from gradnorm_func._objective import GradNormAux, gradnorm_statistics, loss_grad_from
-from gradnorm_func._reporting import SkippedUpdateWarning, readable, skip_message, skip_summary
+from gradnorm_func._host import readable
+from gradnorm_func._reporting import SkippedUpdateWarning, skip_message, skip_summary
 from gradnorm_func._state import (
     GradNormHyperParams,
     GradNormState,
     init_state,
     state_from_dict,
 )
-from gradnorm_func._step import step_from_gradients
+from gradnorm_func._step import step_from_norms
 from gradnorm_func._types import BatchSize, Optimizer, SharedLayer, TaskVectorLike
 from gradnorm_func._update import update
 
@@ -328,9 +329,20 @@ class GradNorm(nn.Module):
             self._steps += 1
         return due, last
 
-    def _accumulate(self, task_losses: Tensor, grads: list[Tensor], last: bool) -> None:
-        """Adds one micro-batch's L_i and grad_W L_i to the window; steps when it closes."""
+    def _accumulate(self, task_losses: Tensor, grads: list[Tensor], last: bool,
+                    coefficients: Tensor | None = None) -> None:
+        """Adds one micro-batch's L_i and grad_W L_i to the window; steps when it closes.
+
+        With the loss coefficients a_i, ``grads`` hold grad_W (a_i L_i), which are divided by
+        a_i; for a window of one micro-batch on one process only their norms are, as
+        ||grad_W L_i|| = ||grad_W (a_i L_i)|| / |a_i|, which spares a pass over the gradients.
+        """
         task_losses = task_losses.detach().to(self.weights.dtype)
+        if coefficients is not None:
+            if last and self._sums is None and self._sync_group() is None:
+                self._step_from(task_losses, norms=gradient_norms(grads) / coefficients.abs())
+                return
+            grads = [g / coefficients.to(g.dtype).view(-1, *[1] * (g.dim() - 1)) for g in grads]
         if self._sums is None:
             self._sums = (task_losses, grads, 1)
         else:
@@ -351,10 +363,15 @@ class GradNorm(nn.Module):
             self._checked_groups.add(group)
         return group
 
-    def _step_from(self, task_losses: Tensor, grads: list[Tensor]) -> None:
-        state, self.aux = step_from_gradients(self.state, task_losses, grads,
+    def _step_from(self, task_losses: Tensor, grads: list[Tensor] | None = None, *,
+                   norms: Tensor | None = None) -> None:
+        """One update from this window's L_i and either grad_W L_i or their norms."""
+        if norms is None:
+            assert grads is not None
+            task_losses, norms = global_norms(task_losses, grads,
                                               process_group=self._sync_group(),
                                               batch_size=self.local_batch_size)
+        state, self.aux = step_from_norms(self.state, task_losses, norms)
         self._set_state(state)
         self._warn_later(state, self.aux)
 
@@ -463,11 +480,10 @@ class GradNorm(nn.Module):
                                    "L_i from the heads that read the fork")
             grads = reached[0] if len(reached) == 1 else [sum(g) for g in zip(*reached)]
             assert ticket.coefficients is not None
-            coefficients = ticket.coefficients
-            grads = [g / coefficients.to(g.dtype).view(-1, *[1] * (g.dim() - 1)) for g in grads]
         assert grads is not None
         with torch.no_grad():
-            self._accumulate(ticket.task_losses, grads, ticket.last)
+            self._accumulate(ticket.task_losses, grads, ticket.last,
+                             ticket.coefficients if ticket.records else None)
 
     def step(self, L_i: Tensor) -> Tensor:
         """One GradNorm step from this step's task losses, while their graph is alive.

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import optree
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import gradnorm_func as gf
+from gradnorm_func._gradients import gradient_norms
 
 positive = st.floats(1e-3, 1e3, allow_nan=False, allow_infinity=False)
 
@@ -107,3 +110,19 @@ def test_inputs_are_not_mutated_and_state_has_no_history(num_tasks, optimizer):
     for leaf in optree.tree_leaves((new_state, aux)):
         assert not leaf.requires_grad and leaf.grad_fn is None
     assert not new_state.weights._is_view()
+
+
+@given(st.integers(1, 4), st.integers(1, 40), st.integers(-45, 37), st.integers(0, 2**32 - 1))
+def test_gradient_norms_are_exact_over_the_whole_float32_range(num_tasks, size, exponent, seed):
+    """||g_i|| over a weight and a bias leaf of float32 gradients at any scale, 1e-45 (where
+    every square underflows) to 1e37 (where every square overflows), equals math.hypot of
+    the entries to float32 precision; in the ordinary range it is taken in float32."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(num_tasks, size, 3, generator=gen) * 10.0 ** exponent
+    bias = torch.randn(num_tasks, size, generator=gen) * 10.0 ** exponent
+    expected = torch.tensor([math.hypot(*w.flatten().tolist(), *b.tolist())
+                             for w, b in zip(weight, bias)], dtype=torch.float64)
+    norms = gradient_norms([weight, bias])
+    torch.testing.assert_close(norms.double(), expected, rtol=1e-6, atol=0)
+    if 1e-10 <= float(expected.min()) and float(expected.max()) <= 1e18:
+        assert norms.dtype == torch.float32
