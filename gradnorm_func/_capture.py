@@ -55,6 +55,7 @@ class Record:
         self.armed = False  # compute the gradients during the next backward through the fork
         self.grads: list[Tensor] | None = None  # grad_W (a_i L_i), each [T, *W.shape]
         self.task_grads: list[list[Tensor] | None] = [None] * num_tasks  # per view, as they come
+        self.cotangents: list[Tensor | None] = [None] * num_tasks  # per view, kept for one bmm
 
     def release(self) -> None:
         """Drops the tensors: the hooks on the views keep the record until the graph goes."""
@@ -62,6 +63,7 @@ class Record:
         self.derivative, self.grads = None, None
         self.views = [None] * len(self.views)
         self.task_grads = [None] * len(self.task_grads)
+        self.cotangents = [None] * len(self.cotangents)
         self.armed = False
 
 
@@ -159,7 +161,20 @@ class TaskFork:
     # ----------------------------------------------------------------- backward: hooks
     def _on_view(self, record: Record, task: int, grad: Tensor) -> None:
         if record.armed:
-            record.task_grads[task] = self._task_gradient(record, grad)
+            self._receive(record, task, grad)
+
+    def _receive(self, record: Record, task: int, cotangent: Tensor) -> None:
+        """Takes head ``task``'s cotangent at its view of z: kept for one batched matmul over
+        the tasks when the layer is Linear in closed form and the T cotangents hold at most
+        ``_ALL_HEADS_ELEMENTS`` elements, else turned into that task's gradient at once."""
+        assert record.source is not None
+        if (record.closed_form is not None and isinstance(self._layer, nn.Linear)
+                and record.source.numel() * self.num_tasks <= _ALL_HEADS_ELEMENTS):
+            if record.activation is not None and not is_relu(record.activation):
+                self._derivative(record)  # f's node is freed before the cotangents are used
+            record.cotangents[task] = cotangent
+        else:
+            record.task_grads[task] = self._task_gradient(record, cotangent)
 
     def _on_stacked(self, record: Record, grad: Tensor) -> None:
         if record.armed:
@@ -169,6 +184,14 @@ class TaskFork:
     def gradients(self, record: Record) -> list[Tensor] | None:
         """What the backward left in ``record``: grad_W (a_i L_i) stacked on a task axis (zero
         for a head the backward did not reach), or None when it reached no head."""
+        kept = [task for task, c in enumerate(record.cotangents) if c is not None]
+        if kept:
+            found = self._stacked_gradients(record, torch.stack(
+                [c for c in record.cotangents if c is not None]))
+            if len(kept) == self.num_tasks:
+                record.grads = found
+            for row, task in enumerate(kept):
+                record.task_grads[task] = [g[row] for g in found]
         grads, task_grads = record.grads, record.task_grads
         record.release()
         if grads is not None or all(g is None for g in task_grads):
@@ -186,9 +209,15 @@ class TaskFork:
         if is_relu(record.activation):
             masked: Tensor = torch.ops.aten.threshold_backward(cotangents, record.source, 0)
             return masked
+        return cotangents * self._derivative(record)
+
+    def _derivative(self, record: Record) -> Tensor:
+        """f'(y), computed once, while f's node still holds its saved tensors (during the
+        backward that reaches the fork, or before it)."""
         if record.derivative is None:
+            assert record.source is not None and record.activation is not None
             record.derivative = activation_derivative(record.source, record.activation)
-        return cotangents * record.derivative
+        return record.derivative
 
     def _task_gradient(self, record: Record, cotangent: Tensor) -> list[Tensor]:
         """One task's grad_W (a_i L_i) from its cotangent c_i at z: closed form, or one vjp."""
@@ -259,7 +288,7 @@ class TaskFork:
                                                      retain_graph=True, allow_unused=True))
                 for (task, _), cotangent in zip(views, found):
                     if cotangent is not None:
-                        record.task_grads[task] = self._task_gradient(record, cotangent)
+                        self._receive(record, task, cotangent)
             grads = self.gradients(record)
             if grads is not None:
                 total = grads if total is None else [a + b for a, b in zip(total, grads)]

@@ -204,6 +204,35 @@ def test_model_gradients_are_those_of_the_weighted_sum_on_every_path():
             reference.zero_grad()
 
 
+@pytest.mark.parametrize("name", ["linear + gelu", "linear + relu", "conv2d + sigmoid"])
+@pytest.mark.parametrize("flow", ["forward", "before"])
+def test_a_head_the_backward_does_not_reach_gets_a_zero_norm(name, flow):
+    """With heads=, a task loss cut from the graph leaves its view of z without a cotangent:
+    that task's norm is 0 (the update skips, naming it) and the others equal the norms of a
+    per-task autograd loop, whether the cotangents are batched (Linear) or not (conv)."""
+    torch.manual_seed(0)
+    model, x = SEGMENTS[name][0]()
+    model, x = model.double(), x.double()
+    y = torch.randn(x.shape[0], 3, dtype=torch.float64)
+    gn = gf.GradNorm(model.layer, 0.12, T, dtype=torch.float64, heads=model.heads)
+    L_ref = losses_of(model(x), y)
+    expected = NaiveGradNorm(T, alpha=0.1, lr=0.1, optimizer="sgd").norms(
+        L_ref, list(model.layer.parameters()))[:2] + [0.0]
+    outputs = model(x)  # L_2 leaves the graph before any op joins it to the other losses
+    L_i = torch.cat([losses_of(outputs[:2], y), losses_of(outputs, y)[2:].detach()])
+    with pytest.warns(gf.SkippedUpdateWarning, match=r"a zero norm means W is not shared by "
+                                                      r"task\(s\) \[2\]"):
+        if flow == "forward":
+            gn(L_i).backward()
+        else:
+            loss = (gn.w_i * L_i).sum()
+            gn.step(L_i)
+            loss.backward()
+    torch.testing.assert_close(gn.aux.grad_norms, torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-10, atol=1e-12)
+    assert bool(gn.skipped)
+
+
 @pytest.mark.parametrize("tasks,hidden", [(8, 16), (8, 2048)])
 def test_many_tasks_batched_and_chunked_generic_vjp_equals_the_loop(tasks, hidden):
     """Above four tasks the generic segment vjp is batched, in chunks when the cotangents
