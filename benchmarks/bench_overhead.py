@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import cProfile
 import gc
 import os
@@ -32,7 +33,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gradnorm_func as gf  # noqa: E402
+import gradnorm_func._capture as gf_capture  # noqa: E402
+import gradnorm_func._wrapper as gf_wrapper  # noqa: E402
 import models  # noqa: E402
 from models import Workload  # noqa: E402
 
@@ -743,6 +746,73 @@ def expand_only_flow(work: Workload, model: nn.Module) -> Variant:
     return plain_flow(work, model)
 
 
+PHASES = [  # (phase, owner, attribute): the library's functions timed where they run
+    ("gn(L_i)", gf_wrapper.GradNorm, "forward"),
+    ("records", gf_capture.TaskFork, "_on_layer"),
+    ("records", gf_capture.TaskFork, "expand"),
+    ("hook on z_t", gf_capture.TaskFork, "_on_stacked"),
+    ("closed form", gf_capture.TaskFork, "_stacked_gradients"),
+    ("after backward", gf_wrapper.GradNorm, "_after_backward"),
+    ("norms", gf_wrapper, "gradient_norms"),
+    ("update", gf_wrapper, "step_from_norms"),
+]
+
+
+@contextlib.contextmanager
+def timed_phases() -> Iterator[dict[str, float]]:
+    """Wraps each function of ``PHASES`` so that this thread's CPU time inside it adds to its
+    phase (seconds); restores the functions on exit."""
+    spent = {phase: 0.0 for phase, _, _ in PHASES}
+    originals = [(owner, name, getattr(owner, name)) for _, owner, name in PHASES]
+
+    def timed(phase: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            begin = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[phase] += time.thread_time() - begin
+        return call
+
+    for (phase, _, _), (owner, name, original) in zip(PHASES, originals):
+        setattr(owner, name, timed(phase, original))
+    try:
+        yield spent
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+def phase_row(num_tasks: int, steps: int) -> list[str]:
+    """Thread time of each phase of the one-line ``gn.fork`` flow, in us per step, with the
+    plain and the lean step alternating with it (toy, batch 100)."""
+    work = models.toy(num_tasks, 100, stacked=True)
+    table = {"plain": plain_flow(work, work.make()), "fast": one_line_flow(work, work.make(), "fork"),
+             "lean": lean_flow(work, work.make())}
+    total = dict.fromkeys(table, 0.0)
+    with timed_phases() as spent:
+        for warm in (True, False):
+            gc.collect()
+            gc.disable()
+            for _ in range(steps // 4 if warm else steps):
+                for name, variant in table.items():
+                    begin = time.thread_time()
+                    variant.fn()
+                    if not warm:
+                        total[name] += time.thread_time() - begin
+            gc.enable()
+            if warm:
+                spent.update(dict.fromkeys(spent, 0.0))
+    us = {name: 1e6 * t / steps for name, t in {**total, **spent}.items()}
+    added = us["fast"] - us["plain"]
+    after = us["after backward"] - us["norms"] - us["update"]
+    hook = us["hook on z_t"] - us["closed form"]
+    rest = added - us["gn(L_i)"] - us["records"] - us["hook on z_t"] - us["after backward"]
+    return [str(num_tasks), f"{us['plain']:.0f}", f"{added:.0f}", f"{us['lean'] - us['plain']:.0f}",
+            f"{us['closed form']:.0f}", f"{rest:.0f}", f"{us['gn(L_i)']:.0f}", f"{us['records']:.0f}",
+            f"{hook:.0f}", f"{us['norms']:.0f}", f"{us['update']:.0f}", f"{after:.0f}"]
+
+
 def profile_section(args: argparse.Namespace, device: torch.device, clock: Clock) -> None:
     """Where the added time of the one-line fast flow goes, toy batch 100."""
     from torch.profiler import ProfilerActivity, profile
@@ -824,6 +894,21 @@ def profile_section(args: argparse.Namespace, device: torch.device, clock: Clock
               "update us", "closed form us", "1 + closed form / plain", "rest us", "added aten ops",
               "lean: added aten ops"],
              rows)
+    print("### Phases of the added time, in place (thread time, us per step)\n")
+    print("The library's functions timed where they run, the plain, one-line and lean steps "
+          "alternating (toy, batch 100, mean over the steps). `closed form` = the T gradients "
+          "at W (bmm, bias sums, ReLU mask) in the hook on z_t; `fork in the model` = added - "
+          "all timed phases: the heads reading the expanded z_t and its backward summing the T "
+          "cotangents, the tensor hooks' dispatch, the timers' own cost; `gn(L_i)` = the "
+          "forward (checks, the weighted sum, arming the record, the hook on L_i); `records` = "
+          "the forward hooks on W and on the fork; `hook` = the rest of the hook on z_t; "
+          "`norms` = `gradient_norms`; `update` = `step_from_norms` (statistics, Adam, checks, "
+          "skip); `after backward` = the rest of the callback at the end of the backward "
+          "(the records' results, the window, the state's buffers).\n")
+    markdown(["T", "plain", "added", "lean: added", "closed form", "fork in the model", "gn(L_i)",
+              "records", "hook", "norms", "update", "after backward"],
+             [phase_row(t, 40 if args.quick else 200 if t < 50 else 80)
+              for t in ((2, 10) if args.quick else (2, 10, 50))])
     print("### T=2: own time of the library's Python functions (cProfile, thread-time clock), "
           "us per step\n")
     markdown(["function", "calls per step", "own us per step"], top_rows)
