@@ -828,7 +828,7 @@ def profile_section(args: argparse.Namespace, device: torch.device, clock: Clock
           "written directly (T weight gradients of W as one bmm, bias sums, the ReLU mask, the "
           "T norms); both by thread time over batches of calls, median of 9. `rest` = added - "
           "update - closed form: the wrapper's hooks, records, checks, views, the fork's "
-          "expand and its backward, and the division by the loss coefficients.\n")
+          "expand and its backward, and the division of the norms by the loss coefficients.\n")
     calls = 20 if args.quick else 100
     rows, top_rows = [], []
     for num_tasks in (2, 10) if args.quick else (2, 10, 50):

@@ -9,8 +9,11 @@ Linear or ConvNd layer (:mod:`gradnorm_func._segments`), else by one vjp of the 
 
 A record is used in one of two ways:
 
-* *armed* by ``GradNorm.forward``: tensor hooks compute the gradients during the caller's
-  own backward, before the graph below z is freed;
+* *armed* by ``GradNorm.forward``: tensor hooks take the cotangents during the caller's own
+  backward, while the graph below z is alive. The hook on stacked views computes the
+  gradients at once; the hook on a separate head's view does so for a ConvNd or generic
+  segment, and for a Linear layer keeps the cotangent, so that all T gradients are one
+  batched matmul once the backward has ended (:meth:`TaskFork.gradients`);
 * by ``GradNorm.step`` before the backward: one backward of sum_i L_i through the heads
   only, with the graph retained, gives the cotangents (:meth:`TaskFork.gradients_now`).
 """
