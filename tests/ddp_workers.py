@@ -9,7 +9,6 @@ to compare.
 from __future__ import annotations
 
 import os
-import socket
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,6 @@ INPUT_DIM, HIDDEN, OUTPUT_DIM = 6, 16, 2
 STEPS = 6  # the last one has an uneven global batch
 NAN_STEP = 3
 WINDOWS, MICRO_BATCHES = 3, 2  # accumulation: windows of 2 micro-batches per rank
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def batch(n: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -234,10 +227,11 @@ def mismatch_run(rank: int) -> str:
     return ""
 
 
-def worker(rank: int, world: int, port: int, out: str, compile: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def worker(rank: int, world: int, out: str, compile: bool) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous in the run's own directory: no port to pick, so no race for one.
+    dist.init_process_group("gloo", init_method=f"file://{Path(out) / 'rendezvous'}",
+                            rank=rank, world_size=world)
     try:
         group = dist.new_group(backend="gloo")  # GradNorm's own group, to count its collectives
         results = {

@@ -40,8 +40,7 @@ def ranks(request, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp(f"ddp{world}")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
-        mp.spawn(ddp_workers.worker, args=(world, ddp_workers.free_port(), str(out),
-                                           world == 2 and COMPILES_FULLGRAPH),
+        mp.spawn(ddp_workers.worker, args=(world, str(out), world == 2 and COMPILES_FULLGRAPH),
                  nprocs=world)
     return [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
