@@ -44,6 +44,15 @@ _MAX_PENDING = 8  # records kept for a later GradNorm call; older ones are stale
 FREED_GRAPH = "backward through the graph a second time"  # torch's message, to replace
 
 
+def stack_tasks(per_task: Sequence[Sequence[Tensor | None] | None],
+                params: Sequence[Tensor]) -> list[Tensor]:
+    """Per parameter p, the [T, *p.shape] stack of the tasks' gradients, with zeros for a task
+    (or one of its entries) that has none."""
+    return [torch.stack([torch.zeros_like(p) if g is None else g
+                         for g in (None if grads is None else grads[k] for grads in per_task)])
+            for k, p in enumerate(params)]
+
+
 class Record:
     """One forward's fork: z, the per-task views, and the gradients a backward computed."""
 
@@ -171,7 +180,7 @@ class TaskFork:
         the tasks when the layer is Linear in closed form and the T cotangents hold at most
         ``_ALL_HEADS_ELEMENTS`` elements, else turned into that task's gradient at once."""
         assert record.source is not None
-        if (record.closed_form is not None and isinstance(self._layer, nn.Linear)
+        if (self._linear_closed_form(record)
                 and record.source.numel() * self.num_tasks <= _ALL_HEADS_ELEMENTS):
             if record.activation is not None and not is_relu(record.activation):
                 self._derivative(record)  # f's node is freed before the cotangents are used
@@ -187,20 +196,19 @@ class TaskFork:
     def gradients(self, record: Record) -> list[Tensor] | None:
         """What the backward left in ``record``: grad_W (a_i L_i) stacked on a task axis (zero
         for a head the backward did not reach), or None when it reached no head."""
-        kept = [task for task, c in enumerate(record.cotangents) if c is not None]
+        kept = [(task, c) for task, c in enumerate(record.cotangents) if c is not None]
         if kept:
-            found = self._stacked_gradients(record, torch.stack(
-                [c for c in record.cotangents if c is not None]))
+            found = self._stacked_gradients(record, torch.stack([c for _, c in kept]))
             if len(kept) == self.num_tasks:
                 record.grads = found
-            for row, task in enumerate(kept):
-                record.task_grads[task] = [g[row] for g in found]
+            else:
+                for row, (task, _) in enumerate(kept):
+                    record.task_grads[task] = [g[row] for g in found]
         grads, task_grads = record.grads, record.task_grads
         record.release()
         if grads is not None or all(g is None for g in task_grads):
             return grads
-        return [torch.stack([torch.zeros_like(p) if g is None else g[k] for g in task_grads])
-                for k, p in enumerate(self.params)]
+        return stack_tasks(task_grads, self.params)
 
     # ----------------------------------------------------------------- the segment
     def _through_activation(self, record: Record, cotangents: Tensor) -> Tensor:
@@ -222,6 +230,11 @@ class TaskFork:
             record.derivative = activation_derivative(record.source, record.activation)
         return record.derivative
 
+    def _linear_closed_form(self, record: Record) -> bool:
+        """Whether ``record``'s T gradients are one batched matmul: a Linear layer whose
+        output, or an elementwise activation of it, is z."""
+        return record.closed_form is not None and isinstance(self._layer, nn.Linear)
+
     def _task_gradient(self, record: Record, cotangent: Tensor) -> list[Tensor]:
         """One task's grad_W (a_i L_i) from its cotangent c_i at z: closed form, or one vjp."""
         if record.closed_form is None:
@@ -238,9 +251,9 @@ class TaskFork:
         when one task's cotangent fills a chunk of ``_CHUNK_ELEMENTS``, otherwise one batched
         vjp per chunk of tasks, so that it never holds many copies of a large activation.
         """
-        layer = self._layer
-        if record.closed_form is not None and isinstance(layer, nn.Linear):
-            return linear_task_gradients(layer, record.closed_form.inputs,
+        if self._linear_closed_form(record):
+            assert isinstance(self._layer, nn.Linear) and record.closed_form is not None
+            return linear_task_gradients(self._layer, record.closed_form.inputs,
                                          self._through_activation(record, cotangents))
         chunk = max(1, _CHUNK_ELEMENTS // max(1, cotangents[0].numel()))
         if record.closed_form is not None or chunk == 1 or self.num_tasks <= _LOOP_TASKS:

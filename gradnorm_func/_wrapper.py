@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gradnorm_func._capture import FREED_GRAPH, Record, TaskFork
+from gradnorm_func._capture import FREED_GRAPH, Record, TaskFork, stack_tasks
 from gradnorm_func._checks import check_count, check_held, check_real, check_task_vector
 from gradnorm_func._distributed import check_same_tasks, check_unsharded, resolve_group
 from gradnorm_func._gradients import global_norms, gradient_norms
@@ -27,7 +27,7 @@ from gradnorm_func._state import (
     init_state,
     state_from_dict,
 )
-from gradnorm_func._step import step_from_norms
+from gradnorm_func._step import step_from_gradients, step_from_norms
 from gradnorm_func._types import BatchSize, Optimizer, SharedLayer, TaskVectorLike
 from gradnorm_func._update import update
 
@@ -368,10 +368,11 @@ class GradNorm(nn.Module):
         """One update from this window's L_i and either grad_W L_i or their norms."""
         if norms is None:
             assert grads is not None
-            task_losses, norms = global_norms(task_losses, grads,
-                                              process_group=self._sync_group(),
-                                              batch_size=self.local_batch_size)
-        state, self.aux = step_from_norms(self.state, task_losses, norms)
+            state, self.aux = step_from_gradients(self.state, task_losses, grads,
+                                                  process_group=self._sync_group(),
+                                                  batch_size=self.local_batch_size)
+        else:
+            state, self.aux = step_from_norms(self.state, task_losses, norms)
         self._set_state(state)
         self._warn_later(state, self.aux)
 
@@ -406,9 +407,7 @@ class GradNorm(nn.Module):
                 if unused:
                     raise ValueError(f"the task losses do not depend on shared parameter(s) "
                                      f"{unused}: pass the last layer that every task uses")
-                grads = [torch.stack([torch.zeros_like(p) if found[k] is None else found[k]
-                                      for found in per_task])
-                         for k, p in enumerate(self._shared)]
+                grads = stack_tasks(per_task, self._shared)
         except RuntimeError as error:
             if FREED_GRAPH not in str(error):
                 raise
